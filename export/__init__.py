@@ -1,0 +1,1 @@
+"""Export of the ε-model and the sampling step (installed as fastddpm.export)."""

@@ -1,0 +1,52 @@
+"""Backends for the ε-model: each turns a DiffusionModel into `denoise(x, t) -> ε` on a device.
+
+The reverse step is always our kernel; only ε changes between backends, so one device gives the
+same noise sequence on every backend. Backends register here by name.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import UserError
+from .model import DiffusionModel
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BACKENDS = ("torch", "compile")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` → the GPU if there is one, else the CPU; a device this machine lacks → UserError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use cpu or cuda[:N]") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device 'cuda' is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{device} does not exist: this machine has "
+                            f"{torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise UserError(f"device {device.type!r} is not supported; use cpu or cuda[:N]")
+    return device
+
+
+def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
+                  dtype: torch.dtype) -> Denoiser:
+    """ε-model callable for `backend` ('torch': eager; 'compile': torch.compile'd)."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    unet = model.unet.to(device=device, dtype=dtype).eval()
+    if backend == "compile":
+        # our own CUDA graph wraps the whole step, so inductor must not add its own
+        unet = torch.compile(unet, mode="max-autotune-no-cudagraphs", fullgraph=True)
+
+    @torch.inference_mode()
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(x, t)
+
+    return denoise

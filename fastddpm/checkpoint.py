@@ -1,0 +1,141 @@
+"""Model files: `model.pt` (torch, read with weights_only=True) and `.safetensors` (config in the
+metadata). Both hold a format tag and version, the U-Net config, the schedule, the sampling
+defaults and the weights. Writes go to a temp file in the same folder and are renamed into place,
+so a crash never leaves a half-written model where a good one was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .files import atomic_write
+from .model import DiffusionModel, SamplingDefaults
+from .schedule import Schedule, ScheduleConfig
+from .unet import UNet, UNetConfig
+
+FORMAT = "fastddpm"
+VERSION = 1
+DEFAULT_NAME = "default"
+DEFAULT_ASSET = "digits.safetensors"
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("fastddpm") / "assets" / DEFAULT_ASSET))
+
+
+def _header(model: DiffusionModel) -> dict:
+    return {"format": FORMAT, "version": VERSION, "unet": model.config.to_dict(),
+            "schedule": model.schedule.config.to_dict(), "sampling": model.sampling.to_dict()}
+
+
+def save(model: DiffusionModel, path: str | os.PathLike) -> None:
+    """Write `model` to `path`: safetensors if it ends in .safetensors, else a torch file."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.unet.state_dict().items()}
+    try:
+        with atomic_write(path) as tmp:
+            if str(path).endswith(".safetensors"):
+                from safetensors.torch import save_file
+
+                save_file(state, str(tmp), metadata={FORMAT: json.dumps(_header(model))})
+            else:
+                torch.save({**_header(model), "state_dict": state}, tmp)
+    except PermissionError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}; choose a writable path") from None
+
+
+def from_parts(header: dict, state: dict, where: str) -> DiffusionModel:
+    """Build a model from a header dict and a state dict, with one-line errors for mismatches."""
+    if header.get("format") != FORMAT:
+        raise UserError(f"{where} is not a fastddpm model file; convert it with `fastddpm convert`")
+    if header.get("version", 0) > VERSION:
+        raise UserError(f"{where} was written by a newer fastddpm (format version "
+                        f"{header['version']}); upgrade fastddpm")
+    try:
+        unet = UNet(UNetConfig.from_dict(header["unet"]))
+        schedule = Schedule(ScheduleConfig.from_dict(header["schedule"]))
+        sampling = SamplingDefaults.from_dict(header.get("sampling", {}))
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{where} has a damaged header ({e}); re-export or re-train the model") from None
+    load_state(unet, state, where)
+    unet.eval()
+    return DiffusionModel(unet, schedule, sampling)
+
+
+def load_state(unet: torch.nn.Module, state: dict, where: str) -> None:
+    """Strict load naming the first missing, unexpected or mis-shaped key."""
+    expected = unet.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise UserError(f"{where}: missing weight {key!r}")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, "
+                            f"the config needs {tuple(value.shape)}")
+    for key in state:
+        if key not in expected:
+            raise UserError(f"{where}: unexpected weight {key!r}")
+    unet.load_state_dict(state)
+
+
+def _read_torch(path: Path) -> tuple[dict, dict]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise UserError(f"{path} holds objects that safe loading refuses ({first[:120]}); "
+                        "only load model files you trust, via `fastddpm convert`") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable model file (truncated or corrupt: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        raise UserError(f"{path} is not a fastddpm model file; convert it with `fastddpm convert`")
+    state = obj.pop("state_dict")
+    return obj, state
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({str(e)[:120]})") from None
+    if FORMAT not in meta:
+        raise UserError(f"{path} has no fastddpm config in its metadata; "
+                        "convert it with `fastddpm convert`")
+    try:
+        header = json.loads(meta[FORMAT])
+    except json.JSONDecodeError:
+        raise UserError(f"{path} has a damaged fastddpm header; re-export the model") from None
+    return header, state
+
+
+def load(path: str | os.PathLike = DEFAULT_NAME, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Read a model file (or `default`, the bundled digits model) onto `device`, in eval mode."""
+    if str(path) == DEFAULT_NAME:
+        path = default_model_path()
+        if not path.is_file():
+            raise UserError("the bundled default model is missing from this install; "
+                            "reinstall fastddpm or pass --model PATH")
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; pass a model file (convert folders with `fastddpm convert`)")
+    if not path.is_file():
+        raise UserError(f"model file {path} not found; pass --model PATH (or 'default')")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read model file {path}: permission denied")
+    header, state = (_read_safetensors if path.suffix == ".safetensors" else _read_torch)(path)
+    model = from_parts(header, state, str(path))
+    model.unet.to(device)
+    return model

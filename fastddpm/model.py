@@ -1,0 +1,51 @@
+"""A diffusion model as a user holds it: the ε-network, its noise schedule, sampling defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import UserError
+from .samplers import VARIANCES, SamplerTable, make_table
+from .schedule import Schedule, ScheduleConfig
+from .unet import UNet, UNetConfig
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    variance: str = "fixed_large"  # σ² = β ("fixed_large", CIFAR-10) or β̃ ("fixed_small", 256²)
+    clip: bool = True  # clip x̂0 to [−1, 1]
+
+    def to_dict(self) -> dict:
+        return {"variance": self.variance, "clip": self.clip}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SamplingDefaults":
+        unknown = set(d) - {"variance", "clip"}
+        if unknown:
+            raise UserError(f"unknown sampling field(s) {sorted(unknown)}")
+        out = cls(**d)
+        if out.variance not in VARIANCES:
+            raise UserError(f"unknown variance type {out.variance!r}; choose one of {', '.join(VARIANCES)}")
+        return out
+
+
+@dataclass(eq=False)
+class DiffusionModel:
+    unet: UNet
+    schedule: Schedule
+    sampling: SamplingDefaults = SamplingDefaults()
+
+    @classmethod
+    def create(cls, unet_config: UNetConfig, schedule_config: ScheduleConfig = ScheduleConfig(),
+               sampling: SamplingDefaults = SamplingDefaults()) -> "DiffusionModel":
+        """A freshly initialised model (random weights)."""
+        return cls(UNet(unet_config), Schedule(schedule_config), sampling)
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.unet.config
+
+    def table(self, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
+              spacing: str = "leading", clip: bool | None = None) -> SamplerTable:
+        """The coefficient table of a sampler over this model's schedule and defaults."""
+        return make_table(self.schedule, sampler, steps, eta, spacing, self.sampling.variance,
+                          self.sampling.clip if clip is None else clip)

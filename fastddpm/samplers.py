@@ -1,0 +1,150 @@
+"""Samplers as tables: every sampler is one linear update per step, built here in float64.
+
+For step i (sampling order, i = 0 is the noisiest) at model timestep t_i, stepping to t_{i+1}
+(−1 after the last step, where ᾱ = 1):
+
+    x̂0     = c_x · x_t − c_e · ε            (clipped to [−1, 1] when the table says so)
+    x_prev = a · x̂0 + b · x_t + c · ε + d · x̂0_prev + σ · z,   z ~ N(0, I)
+
+`kernels.reverse_step` evaluates exactly this, reading row i of `coef` (columns COEF_FIELDS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .schedule import Schedule
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+SPACINGS = ("leading", "trailing", "linspace")
+VARIANCES = ("fixed_large", "fixed_small")
+COEF_FIELDS = ("c_x", "c_e", "a", "b", "c", "d", "sigma")
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerTable:
+    name: str
+    timesteps: torch.Tensor  # int64 (S,): the model's t at each step, descending
+    coef: torch.Tensor  # float64 (S, 7): columns COEF_FIELDS
+    clip: bool  # clip x̂0 to [−1, 1]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def uses_x0_prev(self) -> bool:
+        return bool((self.coef[:, COEF_FIELDS.index("d")] != 0).any())
+
+
+def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
+    """The model timesteps visited, descending, named and spaced as diffusers names them."""
+    T = num_timesteps
+    if not 1 <= steps <= T:
+        raise UserError(f"steps must be between 1 and {T} (the model's T), got {steps}")
+    if spacing == "leading":
+        ts = np.arange(0, steps) * (T // steps)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps).round()
+    else:
+        raise UserError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return [int(t) for t in ts[::-1]]
+
+
+def _alphas_cumprod_pairs(schedule: Schedule, ts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ᾱ at each visited t and at the t it steps to (1 after the last step)."""
+    ac = schedule.alphas_cumprod
+    ac_t = ac[ts]
+    ac_prev = torch.cat([ac[ts[1:]], torch.ones(1, dtype=torch.float64)])
+    return ac_t, ac_prev
+
+
+def _table(name: str, ts: list[int], clip: bool, ac_t: torch.Tensor, **cols) -> SamplerTable:
+    coef = torch.zeros(len(ts), len(COEF_FIELDS), dtype=torch.float64)
+    coef[:, 0] = ac_t.rsqrt()  # c_x = 1/√ᾱ_t        (x̂0 from eq. 4 solved for x0)
+    coef[:, 1] = (1.0 / ac_t - 1.0).sqrt()  # c_e = √(1/ᾱ_t − 1)
+    for key, value in cols.items():
+        coef[:, COEF_FIELDS.index(key)] = value
+    return SamplerTable(name, torch.tensor(ts, dtype=torch.int64), coef, clip)
+
+
+def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
+               variance: str = "fixed_large", clip: bool = True) -> SamplerTable:
+    """Ancestral sampling, Algorithm 2; with steps < T, over a sub-sequence of timesteps with
+    β re-derived from the ᾱ ratio of consecutive visited steps (as diffusers does)."""
+    if variance not in VARIANCES:
+        raise UserError(f"unknown variance type {variance!r}; choose one of {', '.join(VARIANCES)}")
+    ts = timestep_sequence(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
+    alpha = ac_t / ac_prev
+    beta = 1.0 - alpha
+    # μ̃ = √ᾱ_prev β/(1−ᾱ_t) x̂0 + √α (1−ᾱ_prev)/(1−ᾱ_t) x_t   (eq. 7)
+    a = ac_prev.sqrt() * beta / (1.0 - ac_t)
+    b = alpha.sqrt() * (1.0 - ac_prev) / (1.0 - ac_t)
+    # σ² = β ("fixed_large") or β̃ = β (1−ᾱ_prev)/(1−ᾱ_t) ("fixed_small"); z = 0 at the last step
+    var = beta if variance == "fixed_large" else beta * (1.0 - ac_prev) / (1.0 - ac_t)
+    sigma = var.sqrt()
+    sigma[-1] = 0.0
+    return _table("ddpm", ts, clip, ac_t, a=a, b=b, sigma=sigma)
+
+
+def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
+               eta: float = 0.0, clip: bool = True) -> SamplerTable:
+    """DDIM (Song et al. 2021, eq. 12) from each visited t to the next visited one.
+
+    diffusers steps back by T // steps whatever the spacing; for 'leading' and 'trailing' that is
+    the next visited step, for 'linspace' it is not, and we follow the paper."""
+    if not 0.0 <= eta <= 1.0:
+        raise UserError(f"eta must be in [0, 1], got {eta}")
+    ts = timestep_sequence(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
+    # σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (eq. 16)
+    sigma = eta * ((1.0 - ac_prev) / (1.0 - ac_t) * (1.0 - ac_t / ac_prev)).sqrt()
+    c = (1.0 - ac_prev - sigma**2).clamp(min=0.0).sqrt()
+    return _table("ddim", ts, clip, ac_t, a=ac_prev.sqrt(), c=c, sigma=sigma)
+
+
+def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
+                   clip: bool = False) -> SamplerTable:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), first order at the first and last step.
+
+    With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ), h = λ_next − λ_t, r = h_prev / h:
+    x_next = (σ_next/σ_t) x_t − α_next (e^{−h} − 1) [(1 + 1/2r) x̂0 − (1/2r) x̂0_prev]."""
+    ts = timestep_sequence(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
+    n = len(ts)
+    a = torch.zeros(n, dtype=torch.float64)
+    b = torch.zeros(n, dtype=torch.float64)
+    d = torch.zeros(n, dtype=torch.float64)
+    lam = 0.5 * (torch.log(ac_t) - torch.log1p(-ac_t))
+    for i in range(n - 1):
+        alpha_next, sigma_next = ac_prev[i].sqrt(), (1.0 - ac_prev[i]).sqrt()
+        h = lam[i + 1] - lam[i]
+        phi = -alpha_next * torch.expm1(-h)  # −α_next (e^{−h} − 1)
+        b[i] = sigma_next / (1.0 - ac_t[i]).sqrt()
+        if i == 0:
+            a[i] = phi
+        else:
+            r = (lam[i] - lam[i - 1]) / h
+            a[i] = phi * (1.0 + 0.5 / r)
+            d[i] = -phi * 0.5 / r
+    a[-1] = 1.0  # to ᾱ = 1: σ_next = 0, so x_0 = x̂0 (first order, as diffusers' final step)
+    return _table("dpm++", ts, clip, ac_t, a=a, b=b, d=d)
+
+
+def make_table(schedule: Schedule, sampler: str = "ddpm", steps: int | None = None,
+               eta: float = 0.0, spacing: str = "leading", variance: str = "fixed_large",
+               clip: bool = True) -> SamplerTable:
+    """The table for a sampler by name: 'ddpm', 'ddim' or 'dpm++' (DPM-Solver++(2M))."""
+    if sampler == "ddpm":
+        return ddpm_table(schedule, steps, spacing, variance, clip)
+    if sampler == "ddim":
+        return ddim_table(schedule, steps, spacing, eta, clip)
+    if sampler == "dpm++":
+        return dpmpp_2m_table(schedule, steps, spacing, clip)
+    raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")

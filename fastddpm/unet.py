@@ -1,0 +1,230 @@
+"""The ε-model: the U-Net of Ho et al. 2020 (Appendix B), after the original TF code.
+
+A Wide-ResNet/PixelCNN++ style U-Net: per level `num_res_blocks` residual blocks (self-attention
+after each at `attn_resolutions`), a stride-2 conv down; a middle of res → attn → res; the mirror
+path up with skip concatenation and one extra block per level; sinusoidal timestep embedding
+through a 2-layer MLP added inside every residual block. Every GroupNorm (→ SiLU) goes through
+`kernels.group_norm_silu`, which also folds in the time-embedding bias of a block's second norm.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    groups: int = 32  # GroupNorm groups
+    eps: float = 1e-6  # GroupNorm epsilon (the original TF code's)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise UserError(f"unknown U-Net config field(s) {sorted(unknown)}")
+        d = dict(d)
+        for key in ("channel_mult", "attn_resolutions"):
+            if key in d:
+                d[key] = tuple(d[key])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        widths = [self.base_channels * m for m in self.channel_mult]
+        if any(w % self.groups for w in widths):
+            raise UserError(f"every level width {widths} must be divisible by groups={self.groups}")
+        if self.image_size % 2 ** (len(self.channel_mult) - 1):
+            raise UserError(f"image_size {self.image_size} must be divisible by "
+                            f"2^{len(self.channel_mult) - 1} for {len(self.channel_mult)} levels")
+
+
+# Named configurations. cifar10: the paper's 35.7M model (35,746,307 parameters);
+# ddpm-256: CelebA-HQ / LSUN 256² (113,673,219 parameters); digits: the bundled model.
+CONFIGS: dict[str, UNetConfig] = {
+    "cifar10": UNetConfig(),
+    "ddpm-256": UNetConfig(image_size=256, channel_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
+    "digits": UNetConfig(image_size=16, in_channels=1, out_channels=1, base_channels=32,
+                         channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                         dropout=0.0, groups=8),
+}
+
+
+def named_config(name: str) -> UNetConfig:
+    if name not in CONFIGS:
+        raise UserError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}")
+    return CONFIGS[name]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding (B,) → (B, dim): [sin(t·f_k), cos(t·f_k)], f_k = 10000^(−k/(dim/2−1))."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32)
+                      * (-math.log(10000.0) / (half - 1)))
+    args = t.to(torch.float32)[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def norm_act(x: torch.Tensor, norm: nn.GroupNorm, bias_nc: torch.Tensor | None = None,
+             silu: bool = True) -> torch.Tensor:
+    """The one place a GroupNorm (→ SiLU) runs, so the fused kernel replaces them all."""
+    return kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
+                                   bias_nc, silu)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, temb_channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(cfg.groups, cin, cfg.eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_channels, cout)
+        self.norm2 = nn.GroupNorm(cfg.groups, cout, cfg.eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        """x: (B, cin, H, W); temb_act: SiLU of the time embedding, (B, temb_channels)."""
+        h = self.conv1(norm_act(x, self.norm1))
+        # the paper adds the projected embedding right before norm2: fold it into the norm
+        h = norm_act(h, self.norm2, bias_nc=self.temb_proj(temb_act))
+        h = self.conv2(self.dropout(h))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H·W positions, residual."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm = nn.GroupNorm(cfg.groups, channels, cfg.eps)
+        self.qkv = nn.Linear(channels, 3 * channels)  # the paper's q, k, v NIN layers, fused
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = norm_act(x, self.norm, silu=False).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/√C
+        out = self.proj(out).transpose(1, 2).reshape(b, c, h, w)
+        return x + out
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # TF "SAME" padding of the original code
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the down or up path: res blocks, optional attention, optional resample."""
+
+    def __init__(self, blocks: list[ResBlock], attns: list[AttnBlock], resample: nn.Module | None):
+        super().__init__()
+        self.res = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attns)
+        self.resample = resample
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        ch, temb_ch = cfg.base_channels, 4 * cfg.base_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.time_embed = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+
+        skip_channels, res, cur = [ch], cfg.image_size, ch
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(cfg.channel_mult):
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResBlock(cur, ch * mult, temb_ch, cfg))
+                cur = ch * mult
+                if res in cfg.attn_resolutions:
+                    attns.append(AttnBlock(cur, cfg))
+                skip_channels.append(cur)
+            last = i == len(cfg.channel_mult) - 1
+            self.down.append(Level(blocks, attns, None if last else Downsample(cur)))
+            if not last:
+                skip_channels.append(cur)
+                res //= 2
+
+        self.mid_res1 = ResBlock(cur, cur, temb_ch, cfg)
+        self.mid_attn = AttnBlock(cur, cfg)
+        self.mid_res2 = ResBlock(cur, cur, temb_ch, cfg)
+
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(cfg.channel_mult))):
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResBlock(cur + skip_channels.pop(), ch * mult, temb_ch, cfg))
+                cur = ch * mult
+                if res in cfg.attn_resolutions:
+                    attns.append(AttnBlock(cur, cfg))
+            self.up.append(Level(blocks, attns, Upsample(cur) if i > 0 else None))
+            if i > 0:
+                res *= 2
+
+        self.norm_out = nn.GroupNorm(cfg.groups, cur, cfg.eps)
+        self.conv_out = nn.Conv2d(cur, cfg.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, S, S) in [−1, 1]-ish; t: (B,) timesteps 0..T−1 → ε (B, out, S, S)."""
+        temb = self.time_embed(timestep_embedding(t, self.config.base_channels))
+        temb_act = F.silu(temb)  # every block applies SiLU before its projection: do it once
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for i, block in enumerate(level.res):
+                h = block(h, temb_act)
+                if level.attn:
+                    h = level.attn[i](h)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb_act)), temb_act)
+        for level in self.up:
+            for i, block in enumerate(level.res):
+                h = block(torch.cat([h, skips.pop()], dim=1), temb_act)
+                if level.attn:
+                    h = level.attn[i](h)
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.conv_out(norm_act(h, self.norm_out))

@@ -1,0 +1,63 @@
+"""Counter-based Gaussian noise: z = N(0,1) from (seed, sample, step, element), nothing stored.
+
+Philox4x32-10 (Salmon et al. 2011) with key = seed and counter = (element, step, sample, stream),
+then Box-Muller on the first two words — the same recipe as `tl.randn` in Triton, so the Triton
+kernels and this torch reference draw the same numbers. A sample's noise depends only on its own
+index, never on the batch it was drawn in: same seed → same images at any batch size.
+
+`element` is the index in the sample's logical (C, H, W) order, whatever the memory format.
+"""
+from __future__ import annotations
+
+import torch
+
+STEP_STREAM = 0  # z of the reverse steps
+INIT_STREAM = 1  # x_T
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of a · b for uint32 values held in int64 (split to avoid overflow)."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 10):
+    """Philox4x32 on int64 tensors holding uint32 values; returns the four output words."""
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul32(_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform(word: torch.Tensor) -> torch.Tensor:
+    """uint32 → float32 in [0, 1), as Triton's uint_to_uniform_float."""
+    signed = torch.where(word >= 2**31, word - 2**32, word)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.int32).to(torch.float32) * 4.6566127342e-10
+
+
+def gaussian(seed: int, sample_index: torch.Tensor, step: int, shape: tuple[int, ...],
+             stream: int = STEP_STREAM, device=None) -> torch.Tensor:
+    """float32 N(0,1) of shape (len(sample_index), *shape) for global sample indices (B,)."""
+    device = device if device is not None else sample_index.device
+    numel = 1
+    for n in shape:
+        numel *= n
+    elem = torch.arange(numel, dtype=torch.int64, device=device).expand(len(sample_index), numel)
+    sample = sample_index.to(device, torch.int64).view(-1, 1).expand_as(elem)
+    w0, w1, _, _ = philox4x32(int(seed), elem, torch.full_like(elem, step), sample,
+                              torch.full_like(elem, stream))
+    u1 = _uniform(w0).clamp(min=1.0e-7)
+    theta = 6.283185307179586 * _uniform(w1)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    return z.view(len(sample_index), *shape)
