@@ -40,15 +40,17 @@ class SamplerTable:
         return bool((self.coef[:, COEF_FIELDS.index("d")] != 0).any())
 
 
-def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "leading") -> list[int]:
-    """The model timesteps visited, descending, named and spaced as diffusers names them."""
+def timestep_sequence(num_timesteps: int, steps: int | None, spacing: str = "leading") -> list[int]:
+    """The model timesteps visited, descending, named and spaced as diffusers names them.
+    `steps=None` visits all of them."""
     T = num_timesteps
+    steps = T if steps is None else steps
     if not 1 <= steps <= T:
         raise UserError(f"steps must be between 1 and {T} (the model's T), got {steps}")
     if spacing == "leading":
         ts = np.arange(0, steps) * (T // steps)
     elif spacing == "trailing":
-        ts = np.round(np.arange(T, 0, -T / steps)) - 1
+        ts = (np.round(np.arange(T, 0, -T / steps)) - 1)[::-1]
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, steps).round()
     else:
@@ -79,7 +81,7 @@ def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
     β re-derived from the ᾱ ratio of consecutive visited steps (as diffusers does)."""
     if variance not in VARIANCES:
         raise UserError(f"unknown variance type {variance!r}; choose one of {', '.join(VARIANCES)}")
-    ts = timestep_sequence(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    ts = timestep_sequence(schedule.num_timesteps, steps, spacing)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     alpha = ac_t / ac_prev
     beta = 1.0 - alpha
@@ -101,7 +103,7 @@ def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
     the next visited step, for 'linspace' it is not, and we follow the paper."""
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must be in [0, 1], got {eta}")
-    ts = timestep_sequence(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    ts = timestep_sequence(schedule.num_timesteps, steps, spacing)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     # σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (eq. 16)
     sigma = eta * ((1.0 - ac_prev) / (1.0 - ac_t) * (1.0 - ac_t / ac_prev)).sqrt()
@@ -115,7 +117,7 @@ def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = 
 
     With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ), h = λ_next − λ_t, r = h_prev / h:
     x_next = (σ_next/σ_t) x_t − α_next (e^{−h} − 1) [(1 + 1/2r) x̂0 − (1/2r) x̂0_prev]."""
-    ts = timestep_sequence(schedule.num_timesteps, steps or schedule.num_timesteps, spacing)
+    ts = timestep_sequence(schedule.num_timesteps, steps, spacing)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     n = len(ts)
     a = torch.zeros(n, dtype=torch.float64)

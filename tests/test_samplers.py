@@ -1,0 +1,171 @@
+"""Sampler tables + the reference update against diffusers' schedulers, in float64.
+
+diffusers keeps its tables in float32; we hand its schedulers our float64 tables so the
+comparison checks formulas, not rounding."""
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers import scheduling_ddpm
+
+from fastddpm.errors import UserError
+from fastddpm.kernels import reverse_step_reference
+from fastddpm.samplers import ddim_table, ddpm_table, dpmpp_2m_table, make_table, timestep_sequence
+from fastddpm.schedule import Schedule, ScheduleConfig
+
+T = 1000
+SCHEDULE = Schedule(ScheduleConfig("linear", T))
+SHAPE = (3, 2, 5, 5)
+
+
+def _eps(x: torch.Tensor, t: int) -> torch.Tensor:
+    """A stand-in ε-model: a smooth function of (x, t) so each step sees different inputs."""
+    return torch.tanh(0.9 * x + t / T) + 0.05 * torch.sin(3.0 * x)
+
+
+def _noises(n: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(SHAPE, generator=gen, dtype=torch.float64) for _ in range(n)]
+
+
+def _run_ours(table, x: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, x0_prev = [], torch.zeros_like(x)
+    for i, t in enumerate(table.timesteps.tolist()):
+        x, x0_prev = reverse_step_reference(x, _eps(x, t), table.coef[i], zs[i], x0_prev, table.clip)
+        out.append(x)
+    return out
+
+
+def _float64_tables(sched):
+    sched.betas = SCHEDULE.betas.clone()
+    sched.alphas = SCHEDULE.alphas.clone()
+    sched.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    sched.one = torch.tensor(1.0, dtype=torch.float64)
+    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    return sched
+
+
+def _assert_trajectories_close(ours, theirs):
+    assert len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert not torch.isnan(a).any()
+        rel = ((a - b).abs().max() / b.abs().max()).item()
+        assert rel <= 1e-6, f"step {i}: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("spacing,steps", [("leading", 1000), ("leading", 20), ("trailing", 20),
+                                           ("linspace", 20), ("leading", 7), ("trailing", 13)])
+def test_ddpm_matches_diffusers(variance, clip, spacing, steps, monkeypatch):
+    table = ddpm_table(SCHEDULE, steps, spacing, variance, clip)
+    sched = _float64_tables(DDPMScheduler(num_train_timesteps=T, variance_type=variance,
+                                          clip_sample=clip, timestep_spacing=spacing))
+    sched.set_timesteps(steps)
+    assert sched.timesteps.tolist() == table.timesteps.tolist()
+    n = 60 if steps == T else steps  # a full 1000-step chain: compare its first 60 steps
+    zs = _noises(n, seed=steps)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = _run_ours(table, x.clone(), zs + [torch.zeros(SHAPE, dtype=torch.float64)] * (steps - n))[:n]
+
+    queue = list(zs)
+    # diffusers draws its own noise; hand it ours. It also adds noise after the last step when
+    # that step's t > 0 ('trailing'); we never do (Algorithm 2: z = 0 at the end), so zero it there.
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: queue.pop(0))
+    theirs, xd = [], x.clone()
+    for i, t in enumerate(sched.timesteps[:n].tolist()):
+        if i == steps - 1:
+            queue = [torch.zeros(SHAPE, dtype=torch.float64)]
+        xd = sched.step(_eps(xd, t), t, xd).prev_sample
+        theirs.append(xd)
+    _assert_trajectories_close(ours, theirs)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("spacing,steps", [("leading", 50), ("trailing", 50), ("leading", 1000),
+                                           ("trailing", 10), ("leading", 3)])
+def test_ddim_matches_diffusers(eta, clip, spacing, steps):
+    table = ddim_table(SCHEDULE, steps, spacing, eta, clip)
+    sched = _float64_tables(DDIMScheduler(num_train_timesteps=T, clip_sample=clip,
+                                          timestep_spacing=spacing, set_alpha_to_one=True))
+    sched.set_timesteps(steps)
+    assert sched.timesteps.tolist() == table.timesteps.tolist()
+    n = min(steps, 60)
+    zs = _noises(steps, seed=7)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ours = _run_ours(table, x.clone(), zs)[:n]
+    theirs, xd = [], x.clone()
+    for i, t in enumerate(sched.timesteps[:n].tolist()):
+        xd = sched.step(_eps(xd, t), t, xd, eta=eta, variance_noise=zs[i]).prev_sample
+        theirs.append(xd)
+    _assert_trajectories_close(ours, theirs)
+
+
+def test_ddim_linspace_steps_to_the_next_visited_timestep():
+    """diffusers' DDIM steps back by T//steps whatever the spacing; we step to the next visited t
+    (the paper's sub-sequence τ). Check 'linspace' against eq. 12 written out directly."""
+    table = ddim_table(SCHEDULE, 9, "linspace", eta=0.5, clip=False)
+    ts = table.timesteps.tolist()
+    assert ts == timestep_sequence(T, 9, "linspace") and ts[0] == 999 and ts[-1] == 0
+    ac = SCHEDULE.alphas_cumprod.tolist()
+    zs = _noises(9, seed=3)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ours = _run_ours(table, x.clone(), zs)
+    for i, t in enumerate(ts):
+        a_t, a_prev = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else 1.0)
+        eps = _eps(x, t)
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        sigma = 0.5 * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * zs[i]
+        torch.testing.assert_close(ours[i], x, rtol=1e-10, atol=1e-12)
+
+
+def test_dpmpp_2m_matches_diffusers():
+    from diffusers import DPMSolverMultistepScheduler
+
+    steps = 12
+    table = dpmpp_2m_table(SCHEDULE, steps, "leading", clip=False)
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=T, solver_order=2,
+                                        algorithm_type="dpmsolver++", lower_order_final=True,
+                                        final_sigmas_type="zero")
+    sched.set_timesteps(timesteps=table.timesteps.tolist())
+    sched.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
+    sched.alpha_t = SCHEDULE.sqrt_alphas_cumprod.clone()
+    sched.sigma_t = SCHEDULE.sqrt_one_minus_alphas_cumprod.clone()
+    sched.lambda_t = torch.log(sched.alpha_t) - torch.log(sched.sigma_t)
+    sigmas = ((1 - SCHEDULE.alphas_cumprod) / SCHEDULE.alphas_cumprod).sqrt()
+    sched.sigmas = torch.cat([sigmas[table.timesteps], torch.zeros(1, dtype=torch.float64)])
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ours = _run_ours(table, x.clone(), [None] * steps)
+    theirs, xd = [], x.clone()
+    for t in table.timesteps.tolist():
+        xd = sched.step(_eps(xd, t), t, xd).prev_sample
+        theirs.append(xd)
+    _assert_trajectories_close(ours, theirs)
+
+
+def test_last_step_has_no_noise_and_returns_x0():
+    for table in (ddpm_table(SCHEDULE, 10, "trailing", "fixed_large"), ddim_table(SCHEDULE, 10, eta=1.0),
+                  dpmpp_2m_table(SCHEDULE, 10)):
+        c_x, c_e, a, b, c, d, sigma = table.coef[-1].tolist()
+        assert sigma == 0.0 and b == pytest.approx(0.0, abs=1e-12) and c == pytest.approx(0.0, abs=1e-7)
+        assert a == pytest.approx(1.0, rel=1e-12) and d == 0.0
+
+
+@pytest.mark.parametrize("steps", [0, -3, 1001])
+def test_steps_out_of_range_are_refused(steps):
+    with pytest.raises(UserError, match="steps must be between 1 and 1000"):
+        make_table(SCHEDULE, "ddim", steps)
+
+
+def test_bad_sampler_spacing_eta_variance_are_refused():
+    with pytest.raises(UserError, match="unknown sampler"):
+        make_table(SCHEDULE, "euler", 10)
+    with pytest.raises(UserError, match="unknown timestep spacing"):
+        make_table(SCHEDULE, "ddim", 10, spacing="random")
+    with pytest.raises(UserError, match="eta must be in"):
+        make_table(SCHEDULE, "ddim", 10, eta=1.5)
+    with pytest.raises(UserError, match="unknown variance"):
+        make_table(SCHEDULE, "ddpm", 10, variance="learned")
