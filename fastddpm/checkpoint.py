@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -87,9 +88,12 @@ def _read_torch(path: Path) -> tuple[dict, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise UserError(f"{path} holds objects that safe loading refuses ({first[:120]}); "
-                        "only load model files you trust, via `fastddpm convert`") from None
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused:  # a pickle that names code to run: refused before anything ran
+            raise UserError(f"{path} holds Python objects that safe loading refuses "
+                            f"({refused.group(1)}); it is not a plain model file — do not load "
+                            "files you don't trust") from None
+        raise UserError(f"{path} is not a readable model file (truncated or corrupt)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise UserError(f"{path} is not a readable model file (truncated or corrupt: "
                         f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None

@@ -1,0 +1,130 @@
+"""`fastddpm sample`: outputs, and every bad input ends in one line, exit code 2, nothing written."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastddpm import checkpoint
+from fastddpm.cli import main
+from fastddpm.model import DiffusionModel
+from fastddpm.schedule import ScheduleConfig
+from fastddpm.unet import UNetConfig
+
+TINY = UNetConfig(image_size=8, in_channels=3, out_channels=3, base_channels=8, channel_mult=(1, 2),
+                  num_res_blocks=1, attn_resolutions=(), groups=4, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    checkpoint.save(DiffusionModel.create(TINY, ScheduleConfig("linear", 50)), path)
+    return path
+
+
+def _run(capsys, *argv):
+    code = main(["sample", *argv, "--no-progress"])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_writes_a_png_grid(model_path, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, err = _run(capsys, "--model", str(model_path), "--num", "6", "--steps", "5", "--out", str(out))
+    assert code == 0, err
+    img = np.asarray(Image.open(out))
+    assert img.shape == (2 + 2 * 10, 2 + 3 * 10, 3)  # 3 per row, 8 px tiles + 2 px padding
+    assert img[2:10, 2:10].std() > 0  # a real image in the first tile
+
+
+def test_writes_npz_and_folder(model_path, tmp_path, capsys):
+    code, err = _run(capsys, "--model", str(model_path), "--num", "3", "--steps", "4",
+                     "--sampler", "ddim", "--out", str(tmp_path / "x.npz"))
+    assert code == 0, err
+    arr = np.load(tmp_path / "x.npz")["images"]
+    assert arr.shape == (3, 8, 8, 3) and arr.dtype == np.uint8
+    code, err = _run(capsys, "--model", str(model_path), "--num", "3", "--steps", "4",
+                     "--sampler", "ddim", "--out", str(tmp_path / "pngs") + "/")
+    assert code == 0, err
+    files = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    assert files == ["000000.png", "000001.png", "000002.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pngs" / "000001.png")), arr[1])
+
+
+def _bad_model_files(tmp_path, model_path):
+    data = model_path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    (tmp_path / "text.pt").write_text("not a model")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    return {"missing": tmp_path / "absent.pt", "truncated": tmp_path / "cut.pt",
+            "text": tmp_path / "text.pt", "foreign": tmp_path / "foreign.pt"}
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "text", "foreign"])
+def test_bad_model_files(model_path, tmp_path, capsys, kind):
+    bad = _bad_model_files(tmp_path, model_path)[kind]
+    out = tmp_path / "out.png"
+    code, err = _run(capsys, "--model", str(bad), "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert str(bad) in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "steps must be between 1 and 50"),
+    (["--steps", "51"], "steps must be between 1 and 50"),
+    (["--num", "0"], "num must be positive"),
+    (["--num", "-4"], "num must be positive"),
+    (["--sampler", "euler"], "invalid choice"),
+    (["--device", "tpu"], "device"),
+    (["--device", "cuda:7"], "cuda"),
+    (["--sampler", "ddim", "--eta", "1.5"], "eta must be in"),
+    (["--sampler", "ddim", "--eta", "-0.5"], "eta must be in"),
+    (["--batch-size", "0"], "batch size must be positive"),
+    (["--num", "many"], "invalid int value"),
+])
+def test_bad_arguments(model_path, tmp_path, capsys, args, message):
+    out = tmp_path / "out.png"
+    try:
+        code, err = _run(capsys, "--model", str(model_path), "--out", str(out), *args)
+    except SystemExit as e:  # argparse's own refusals
+        code, err = e.code, capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("target,message", [("no/such/dir/out.png", "does not exist"),
+                                            ("out.gif", "cannot tell the output format")])
+def test_bad_output_paths(model_path, tmp_path, capsys, target, message):
+    code, err = _run(capsys, "--model", str(model_path), "--out", str(tmp_path / target))
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_kept_when_sampling_fails(model_path, tmp_path, capsys):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"an earlier grid")
+    code, _ = _run(capsys, "--model", str(model_path), "--steps", "999", "--out", str(out))
+    assert code == 2 and out.read_bytes() == b"an earlier grid"
+
+
+def test_pickle_that_runs_code_never_runs(tmp_path):
+    """Through the real entry point: the payload would create a file if it ever ran."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    script = (
+        "import torch, os\n"
+        "class P:\n"
+        f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+        f"torch.save({{'format': 'fastddpm', 'state_dict': {{}}, 'x': P()}}, r'{evil}')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    proc = subprocess.run([sys.executable, "-m", "fastddpm", "sample", "--model", str(evil),
+                           "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "safe loading refuses" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not marker.exists() and not (tmp_path / "o.png").exists()
