@@ -83,3 +83,10 @@ def test_on_step_sees_every_predicted_x0(model):
 def test_bad_arguments(model, kwargs, message):
     with pytest.raises(UserError, match=message):
         sample(model, **{"num": 2, "steps": 3, "device": "cpu", **kwargs})
+
+
+@pytest.mark.slow
+def test_compiled_backend_matches_eager(model):
+    kwargs = dict(num=2, steps=4, sampler="ddim", seed=5, device="cpu")
+    torch.testing.assert_close(sample(model, backend="compile", **kwargs), sample(model, **kwargs),
+                               rtol=0, atol=1e-5)
