@@ -5,6 +5,7 @@ same noise sequence on every backend. Backends register here by name.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -40,7 +41,10 @@ def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
     """ε-model callable for `backend` ('torch': eager; 'compile': torch.compile'd)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    unet = model.unet.to(device=device, dtype=dtype).eval()
+    unet = model.unet
+    if next(unet.parameters()).dtype != dtype:
+        unet = copy.deepcopy(unet)  # casting in place would round the caller's weights for good
+    unet = unet.to(device=device, dtype=dtype).eval()
     if backend == "compile":
         # our own CUDA graph wraps the whole step, so inductor must not add its own; on the CPU,
         # autotuning costs a minute for little gain

@@ -206,7 +206,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, S, S) in [−1, 1]-ish; t: (B,) timesteps 0..T−1 → ε (B, out, S, S)."""
-        temb = self.time_embed(timestep_embedding(t, self.config.base_channels))
+        temb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))
         temb_act = F.silu(temb)  # every block applies SiLU before its projection: do it once
         h = self.conv_in(x)
         skips = [h]

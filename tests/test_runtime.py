@@ -90,3 +90,13 @@ def test_compiled_backend_matches_eager(model):
     kwargs = dict(num=2, steps=4, sampler="ddim", seed=5, device="cpu")
     torch.testing.assert_close(sample(model, backend="compile", **kwargs), sample(model, **kwargs),
                                rtol=0, atol=1e-5)
+
+
+def test_low_precision_sampling_leaves_the_model_in_fp32(model):
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    kwargs = dict(num=2, steps=4, sampler="ddim", seed=5, device="cpu")
+    low = sample(model, dtype="bf16", **kwargs)
+    full = sample(model, **kwargs)
+    assert torch.isfinite(low).all() and (low - full).abs().max() < 0.1
+    for k, v in model.unet.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k]), k
