@@ -45,7 +45,9 @@ class DiffusionModel:
         return self.unet.config
 
     def table(self, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-              spacing: str = "leading", clip: bool | None = None) -> SamplerTable:
-        """The coefficient table of a sampler over this model's schedule and defaults."""
+              spacing: str = "leading", clip: bool | None = None,
+              start: int | None = None) -> SamplerTable:
+        """The coefficient table of a sampler over this model's schedule and defaults;
+        `start=t` begins the chain at x_t."""
         return make_table(self.schedule, sampler, steps, eta, spacing, self.sampling.variance,
-                          self.sampling.clip if clip is None else clip)
+                          self.sampling.clip if clip is None else clip, start)

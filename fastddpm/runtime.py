@@ -34,8 +34,8 @@ class _Buffers:
         self.step = torch.zeros(1, device=device, dtype=torch.int64)
         self.rng = torch.zeros(2, device=device, dtype=torch.int64)  # (seed, first sample index)
 
-    def reset(self, x_T: torch.Tensor, seed: int, first: int) -> None:
-        self.x.copy_(x_T)
+    def reset(self, x_start: torch.Tensor, seed: int, first: int) -> None:
+        self.x.copy_(x_start)
         if self.x0_prev is not None:
             self.x0_prev.zero_()
         self.step.zero_()
@@ -96,18 +96,27 @@ class Sampler:
 
     @torch.inference_mode()
     def run(self, seed: int, first: int, batch: int,
-            on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Samples `first .. first+batch−1` of the stream `seed`. `on_step(i, x̂0)` sees every
-        step's predicted x_0 (progressive generation); leave it None for the fastest loop."""
-        x_T = self.initial_noise(seed, first, batch)
+            on_step: Callable[[int, torch.Tensor], None] | None = None,
+            x_start: torch.Tensor | None = None) -> torch.Tensor:
+        """Samples `first .. first+batch−1` of the stream `seed`.
+
+        on_step(i, x̂0) sees every step's predicted x_0 (progressive generation); leave it None
+        for the fastest loop. x_start (batch, C, H, W) replaces x_T: a point on the chain at the
+        table's first timestep (see `make_table(start=...)`)."""
+        if x_start is None:
+            x_start = self.initial_noise(seed, first, batch)
+        elif tuple(x_start.shape) != (batch, *self.image_shape):
+            raise UserError(f"x_start must have shape {(batch, *self.image_shape)}, "
+                            f"got {tuple(x_start.shape)}")
+        x_start = x_start.to(self.device, self.dtype)
         if self.use_graph:
-            graph, buf = self._graph_for(batch, x_T, seed, first)
-            buf.reset(x_T, seed, first)
+            graph, buf = self._graph_for(batch, x_start, seed, first)
+            buf.reset(x_start, seed, first)
             run_step = graph.replay
         else:
             buf = _Buffers((batch, *self.image_shape), self.device, self.dtype,
                            self.table.uses_x0_prev)
-            buf.reset(x_T, seed, first)
+            buf.reset(x_start, seed, first)
             run_step = lambda: self._step(buf)  # noqa: E731
         for i in range(self.table.num_steps):
             run_step()

@@ -40,9 +40,10 @@ class SamplerTable:
         return bool((self.coef[:, COEF_FIELDS.index("d")] != 0).any())
 
 
-def timestep_sequence(num_timesteps: int, steps: int | None, spacing: str = "leading") -> list[int]:
+def timestep_sequence(num_timesteps: int, steps: int | None, spacing: str = "leading",
+                      start: int | None = None) -> list[int]:
     """The model timesteps visited, descending, named and spaced as diffusers names them.
-    `steps=None` visits all of them."""
+    `steps=None` visits all of them; `start=t` keeps only those ≤ t (a chain begun at x_t)."""
     T = num_timesteps
     steps = T if steps is None else steps
     if not 1 <= steps <= T:
@@ -55,7 +56,16 @@ def timestep_sequence(num_timesteps: int, steps: int | None, spacing: str = "lea
         ts = np.linspace(0, T - 1, steps).round()
     else:
         raise UserError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    return [int(t) for t in ts[::-1]]
+    visited = [int(t) for t in ts[::-1]]
+    if start is None:
+        return visited
+    if not 0 <= start < T:
+        raise UserError(f"start timestep must be in [0, {T}), got {start}")
+    kept = [t for t in visited if t <= start]
+    if not kept:
+        raise UserError(f"no visited timestep is ≤ {start} with {steps} {spacing} steps; "
+                        "use more steps or a later start")
+    return kept
 
 
 def _alphas_cumprod_pairs(schedule: Schedule, ts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,12 +86,13 @@ def _table(name: str, ts: list[int], clip: bool, ac_t: torch.Tensor, **cols) -> 
 
 
 def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
-               variance: str = "fixed_large", clip: bool = True) -> SamplerTable:
+               variance: str = "fixed_large", clip: bool = True,
+               start: int | None = None) -> SamplerTable:
     """Ancestral sampling, Algorithm 2; with steps < T, over a sub-sequence of timesteps with
     β re-derived from the ᾱ ratio of consecutive visited steps (as diffusers does)."""
     if variance not in VARIANCES:
         raise UserError(f"unknown variance type {variance!r}; choose one of {', '.join(VARIANCES)}")
-    ts = timestep_sequence(schedule.num_timesteps, steps, spacing)
+    ts = timestep_sequence(schedule.num_timesteps, steps, spacing, start)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     alpha = ac_t / ac_prev
     beta = 1.0 - alpha
@@ -96,14 +107,14 @@ def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
 
 
 def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
-               eta: float = 0.0, clip: bool = True) -> SamplerTable:
+               eta: float = 0.0, clip: bool = True, start: int | None = None) -> SamplerTable:
     """DDIM (Song et al. 2021, eq. 12) from each visited t to the next visited one.
 
     diffusers steps back by T // steps whatever the spacing; for 'leading' and 'trailing' that is
     the next visited step, for 'linspace' it is not, and we follow the paper."""
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must be in [0, 1], got {eta}")
-    ts = timestep_sequence(schedule.num_timesteps, steps, spacing)
+    ts = timestep_sequence(schedule.num_timesteps, steps, spacing, start)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     # σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (eq. 16)
     sigma = eta * ((1.0 - ac_prev) / (1.0 - ac_t) * (1.0 - ac_t / ac_prev)).sqrt()
@@ -112,12 +123,12 @@ def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
 
 
 def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
-                   clip: bool = False) -> SamplerTable:
+                   clip: bool = False, start: int | None = None) -> SamplerTable:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), first order at the first and last step.
 
     With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ), h = λ_next − λ_t, r = h_prev / h:
     x_next = (σ_next/σ_t) x_t − α_next (e^{−h} − 1) [(1 + 1/2r) x̂0 − (1/2r) x̂0_prev]."""
-    ts = timestep_sequence(schedule.num_timesteps, steps, spacing)
+    ts = timestep_sequence(schedule.num_timesteps, steps, spacing, start)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     n = len(ts)
     a = torch.zeros(n, dtype=torch.float64)
@@ -141,12 +152,13 @@ def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = 
 
 def make_table(schedule: Schedule, sampler: str = "ddpm", steps: int | None = None,
                eta: float = 0.0, spacing: str = "leading", variance: str = "fixed_large",
-               clip: bool = True) -> SamplerTable:
-    """The table for a sampler by name: 'ddpm', 'ddim' or 'dpm++' (DPM-Solver++(2M))."""
+               clip: bool = True, start: int | None = None) -> SamplerTable:
+    """The table for a sampler by name: 'ddpm', 'ddim' or 'dpm++' (DPM-Solver++(2M)).
+    `start=t` begins the chain at x_t instead of x_T (the visited steps ≤ t)."""
     if sampler == "ddpm":
-        return ddpm_table(schedule, steps, spacing, variance, clip)
+        return ddpm_table(schedule, steps, spacing, variance, clip, start)
     if sampler == "ddim":
-        return ddim_table(schedule, steps, spacing, eta, clip)
+        return ddim_table(schedule, steps, spacing, eta, clip, start)
     if sampler == "dpm++":
-        return dpmpp_2m_table(schedule, steps, spacing, clip)
+        return dpmpp_2m_table(schedule, steps, spacing, clip, start)
     raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")

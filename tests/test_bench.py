@@ -1,8 +1,6 @@
 """`fastddpm bench`: runs, reports coherent figures, refuses bad arguments in one line."""
 import json
 
-import torch
-
 from fastddpm import checkpoint
 from fastddpm.cli import main
 from fastddpm.model import DiffusionModel
