@@ -44,8 +44,9 @@ def _diffusers_pipeline(config_name: str):
         down.append("AttnDownBlock2D" if attn else "DownBlock2D")
         up.insert(0, "AttnUpBlock2D" if attn else "UpBlock2D")
         res //= 2
+    widths = [cfg.base_channels * m for m in cfg.channel_mult]
     unet = UNet2DModel(sample_size=cfg.image_size, in_channels=cfg.in_channels,
-                       out_channels=cfg.out_channels, block_out_channels=[cfg.base_channels * m for m in cfg.channel_mult],
+                       out_channels=cfg.out_channels, block_out_channels=widths,
                        layers_per_block=cfg.num_res_blocks, down_block_types=down, up_block_types=up,
                        norm_num_groups=cfg.groups, norm_eps=cfg.eps, downsample_padding=0,
                        flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None)

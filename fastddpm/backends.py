@@ -6,7 +6,7 @@ same noise sequence on every backend. Backends register here by name.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

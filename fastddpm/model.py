@@ -18,7 +18,7 @@ class SamplingDefaults:
         return {"variance": self.variance, "clip": self.clip}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SamplingDefaults":
+    def from_dict(cls, d: dict) -> SamplingDefaults:
         unknown = set(d) - {"variance", "clip"}
         if unknown:
             raise UserError(f"unknown sampling field(s) {sorted(unknown)}")
@@ -36,7 +36,7 @@ class DiffusionModel:
 
     @classmethod
     def create(cls, unet_config: UNetConfig, schedule_config: ScheduleConfig = ScheduleConfig(),
-               sampling: SamplingDefaults = SamplingDefaults()) -> "DiffusionModel":
+               sampling: SamplingDefaults = SamplingDefaults()) -> DiffusionModel:
         """A freshly initialised model (random weights)."""
         return cls(UNet(unet_config), Schedule(schedule_config), sampling)
 

@@ -9,7 +9,7 @@ not depend on the batch it was drawn in.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

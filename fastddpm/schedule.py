@@ -50,7 +50,7 @@ class ScheduleConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ScheduleConfig":
+    def from_dict(cls, d: dict) -> ScheduleConfig:
         unknown = set(d) - {"kind", "num_timesteps", "beta_start", "beta_end", "betas"}
         if unknown:
             raise UserError(f"unknown schedule field(s) {sorted(unknown)}")

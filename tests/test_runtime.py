@@ -1,10 +1,10 @@
 """The sampling loop: wiring against a hand-written loop, determinism, batch-size independence."""
 import pytest
 import torch
+from fastddpm.kernels.noise import INIT_STREAM, STEP_STREAM
 
 from fastddpm import kernels
 from fastddpm.errors import UserError
-from fastddpm.kernels.noise import INIT_STREAM, STEP_STREAM
 from fastddpm.model import DiffusionModel
 from fastddpm.runtime import Sampler, sample
 from fastddpm.schedule import ScheduleConfig

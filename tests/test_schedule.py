@@ -46,7 +46,8 @@ def test_tables_match_independent_formulas(kind):
 
 def test_beta_schedules_follow_their_papers():
     lin = Schedule(ScheduleConfig("linear")).betas
-    assert lin[0].item() == pytest.approx(1e-4, rel=1e-15) and lin[-1].item() == pytest.approx(0.02, rel=1e-15)
+    assert lin[0].item() == pytest.approx(1e-4, rel=1e-15)
+    assert lin[-1].item() == pytest.approx(0.02, rel=1e-15)
     quad = Schedule(ScheduleConfig("quadratic")).betas.numpy()
     np.testing.assert_allclose(np.sqrt(quad), np.linspace(1e-2, math.sqrt(0.02), 1000), rtol=1e-12)
     # cosine: ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2), while β stays under 0.999
