@@ -13,6 +13,7 @@ from .errors import UserError
 # command → (module, one-line help); modules are imported only when their command runs
 COMMANDS = {
     "sample": ("fastddpm.sample_command", "draw images from a model"),
+    "train": ("fastddpm.train", "train a DDPM ε-model (Algorithm 1)"),
     "bench": ("fastddpm.bench", "time the sampling loop of a model, per backend"),
 }
 

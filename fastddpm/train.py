@@ -1,0 +1,336 @@
+"""`fastddpm train`: the reference trainer (Ho et al. 2020, Algorithm 1, L_simple).
+
+Per step: x0 from the data, t ~ U{0..T−1}, ε ~ N(0, I), loss = ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖².
+AdamW with linear LR warm-up, gradient clipping, an EMA of the weights (with warm-up: decay
+min(d, (1+n)/(10+n))), autocast on the GPU, DistributedDataParallel under torchrun.
+
+RUN_DIR holds `model.pt` (EMA weights; `fastddpm sample --model RUN_DIR/model.pt`), `state.pt`
+(everything needed to resume exactly: weights, EMA, optimizer, step, every RNG state),
+`log.jsonl`, `config.json` and `samples/step_N.png`. Both checkpoints are written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import checkpoint, data, images
+from .errors import UserError
+from .files import atomic_write
+from .model import DiffusionModel, SamplingDefaults
+from .runtime import sample
+from .schedule import Schedule, ScheduleConfig
+from .unet import UNet, UNetConfig, named_config
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATE_FORMAT = "fastddpm-train-state"
+
+
+@dataclass
+class TrainConfig:
+    data: str = "digits"
+    out: str = "runs/digits"
+    config: str | None = None  # a named U-Net config (default: digits), or:
+    unet_json: str | None = None  # a JSON file with UNetConfig fields
+    steps: int = 10_000
+    batch_size: int = 64  # per process
+    lr: float = 2e-4
+    warmup: int = 500
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    dropout: float | None = None  # overrides the config's
+    flip: bool = False  # random horizontal flips (not for digits)
+    precision: str = "fp32"
+    sample_every: int = 1000  # 0: never
+    save_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    resume: bool = False
+    schedule: dict = field(default_factory=lambda: ScheduleConfig().to_dict())
+    variance: str = "fixed_large"
+    device: str | None = None
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_type: str) -> _Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; nccl on GPUs, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _Dist()
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _unet_config(cfg: TrainConfig, stored: dict | None) -> UNetConfig:
+    if cfg.unet_json:
+        try:
+            unet = UNetConfig.from_dict(json.loads(Path(cfg.unet_json).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read --unet-json {cfg.unet_json}: {e}") from None
+    elif cfg.config:
+        unet = named_config(cfg.config)
+    elif stored is not None:
+        return UNetConfig.from_dict(stored)
+    else:
+        unet = named_config("digits")
+    if cfg.dropout is not None:
+        unet = UNetConfig.from_dict({**unet.to_dict(), "dropout": cfg.dropout})
+    if stored is not None and UNetConfig.from_dict(stored) != unet:
+        raise UserError(f"{cfg.out} was trained with another architecture "
+                        f"({stored}); resume without --config/--unet-json or use a new --out")
+    return unet
+
+
+def _check(cfg: TrainConfig) -> None:
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    for name in ("steps", "batch_size", "save_every", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.warmup < 0 or cfg.sample_every < 0:
+        raise UserError("--warmup and --sample-every must be ≥ 0")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.grad_clip <= 0:
+        raise UserError(f"--grad-clip must be positive, got {cfg.grad_clip}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def _prepare_out(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "samples").mkdir(exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output folder {out} is not writable; choose another --out")
+    if (out / "state.pt").exists() and not cfg.resume:
+        raise UserError(f"{out} already holds a training run; pass --resume to continue it "
+                        "or choose another --out")
+    if cfg.resume and not (out / "state.pt").exists():
+        raise UserError(f"nothing to resume: {out / 'state.pt'} does not exist")
+    return out
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — any failure here means the same thing to the user
+        raise UserError(f"cannot read {path} ({type(e).__name__}); it is damaged — "
+                        "start a new run with another --out") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"{path} is not a fastddpm training state")
+    return state
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        _check(cfg)
+        self.cfg = cfg
+        from .backends import resolve_device
+
+        device = resolve_device(cfg.device)
+        self.dist = _init_distributed(device.type)
+        if device.type == "cuda" and self.dist.world > 1:
+            device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if cfg.precision == "fp16" and device.type != "cuda":
+            raise UserError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
+        self.out = _prepare_out(cfg) if self.dist.main else Path(cfg.out)
+        if self.dist.world > 1:
+            dist.barrier()  # rank 0 has checked and created the folder
+        resumed = _load_state(self.out / "state.pt") if cfg.resume else None
+        unet_cfg = _unet_config(cfg, resumed["unet"] if resumed else None)
+        schedule_cfg = ScheduleConfig.from_dict(resumed["schedule"] if resumed else cfg.schedule)
+        self.schedule = Schedule(schedule_cfg)
+        self.sampling = SamplingDefaults(cfg.variance, True)
+
+        torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank initial state and dropout
+        self.unet = UNet(unet_cfg).to(device)
+        self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.step = 0
+        if resumed:
+            self._restore(resumed)
+
+        ds = data.load(cfg.data, unet_cfg.image_size, unet_cfg.in_channels)
+        if len(ds.train) < cfg.batch_size:
+            raise UserError(f"{cfg.data} has {len(ds.train)} training images, fewer than one batch "
+                            f"of {cfg.batch_size}; lower --batch-size")
+        self.train_images = ds.train.to(device)
+        self.model = self.unet
+        if self.dist.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.unet, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _restore(self, state: dict) -> None:
+        self.unet.load_state_dict(state["unet_state"])
+        self.ema.load_state_dict(state["ema_state"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        self.gen.set_state(rng["data"][self.dist.rank])
+        torch.set_rng_state(rng["torch"][self.dist.rank])
+        if self.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state(rng["cuda"][self.dist.rank], self.device)
+
+    def _gather_rng(self) -> dict:
+        own = {"data": self.gen.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        if self.dist.world == 1:
+            return {k: [v] for k, v in own.items()}
+        gathered = [None] * self.dist.world
+        dist.all_gather_object(gathered, own)
+        return {k: [g[k] for g in gathered] for k in own}
+
+    def save(self) -> None:
+        rng = self._gather_rng()  # every rank takes part
+        if not self.dist.main:
+            return
+        for p in self.ema.parameters():
+            if not torch.isfinite(p).all():  # never replace a good checkpoint with a broken one
+                raise UserError(f"weights became non-finite by step {self.step}; the last good "
+                                f"checkpoint in {self.out} is kept — lower --lr")
+        state = {"format": STATE_FORMAT, "version": 1, "step": self.step,
+                 "unet": self.unet.config.to_dict(), "schedule": self.schedule.config.to_dict(),
+                 "train_config": json.dumps(asdict(self.cfg)),
+                 "unet_state": self.unet.state_dict(), "ema_state": self.ema.state_dict(),
+                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng}
+        with atomic_write(self.out / "state.pt") as tmp:
+            torch.save(state, tmp)
+        checkpoint.save(DiffusionModel(self.ema, self.schedule, self.sampling), self.out / "model.pt")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, B = len(self.train_images), self.cfg.batch_size
+        idx = torch.randint(0, n, (B,), generator=self.gen, device=self.device)
+        x0 = self.train_images[idx]
+        if self.cfg.flip:
+            flip = torch.rand(B, generator=self.gen, device=self.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=self.gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        return self.schedule.q_sample(x0, t, noise), t, noise
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        x_t, t, noise = self._batch()
+        dtype = PRECISIONS[cfg.precision]
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.mse_loss(self.model(x_t, t).float(), noise)  # L_simple (eq. 14)
+        finite = torch.isfinite(loss.detach()).float()
+        if self.dist.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise UserError(f"loss became {loss.item()} at step {self.step}; stopped, the last good "
+                            f"checkpoint in {self.out} is kept — lower --lr")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
+        for group in self.opt.param_groups:  # linear warm-up
+            group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.unet.parameters(), strict=True):
+                e.lerp_(p, 1.0 - decay)
+        self.step += 1
+        return loss.item()
+
+    def sample_grid(self) -> None:
+        model = DiffusionModel(self.ema, self.schedule, self.sampling)
+        x = sample(model, num=64, steps=min(100, self.schedule.num_timesteps), sampler="ddim",
+                   seed=0, device=self.device, cuda_graph=False)
+        images.save(x, self.out / "samples" / f"step_{self.step:07d}.png")
+
+    def run(self) -> None:
+        cfg = self.cfg
+        if self.dist.main:
+            with atomic_write(self.out / "config.json") as tmp:
+                tmp.write_text(json.dumps(asdict(cfg), indent=2))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.dist.main, unit="it",
+                   desc="training")
+        log = open(self.out / "log.jsonl", "a") if self.dist.main else None
+        start, start_step = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if log:
+                        rate = (self.step - start_step) / (time.perf_counter() - start)
+                        log.write(json.dumps({"step": self.step, "loss": loss, "it_per_s": rate,
+                                              "lr": self.opt.param_groups[0]["lr"]}) + "\n")
+                        log.flush()
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save()
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.dist.main:
+                    self.sample_grid()
+        finally:
+            bar.close()
+            if log:
+                log.close()
+            if self.dist.world > 1:
+                dist.destroy_process_group()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--data", default=d.data, help="'digits', a folder of images, a CIFAR-10 python "
+                                                  "folder, or an .npz (default: digits)")
+    p.add_argument("--out", default=d.out, help="run folder (default: runs/digits)")
+    arch = p.add_mutually_exclusive_group()
+    arch.add_argument("--config", default=None, help="named U-Net config (default: digits)")
+    arch.add_argument("--unet-json", default=None, help="JSON file of U-Net config fields")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="LR warm-up steps")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--dropout", type=float, default=None)
+    p.add_argument("--flip", action="store_true", help="random horizontal flips")
+    p.add_argument("--precision", default=d.precision, choices=list(PRECISIONS))
+    p.add_argument("--sample-every", type=int, default=d.sample_every, help="0: never")
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    Trainer(TrainConfig(**fields)).run()
+    return 0
