@@ -14,6 +14,7 @@ from .errors import UserError
 COMMANDS = {
     "sample": ("fastddpm.sample_command", "draw images from a model"),
     "train": ("fastddpm.train", "train a DDPM ε-model (Algorithm 1)"),
+    "eval": ("fastddpm.evaluate", "measure how recognisable a digits model's samples are"),
     "bench": ("fastddpm.bench", "time the sampling loop of a model, per backend"),
 }
 

@@ -1,0 +1,86 @@
+"""Training data: the built-in digits and user data, and bad data refused before training."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastddpm import data
+from fastddpm.errors import UserError
+
+
+def test_digits_split_is_fixed_and_scaled():
+    a, b = data.digits(16), data.digits(16)
+    assert a.train.shape == (1497, 1, 16, 16) and a.heldout.shape == (300, 1, 16, 16)
+    assert torch.equal(a.heldout, b.heldout)  # the held-out set never moves
+    assert a.train.min() == -1 and a.train.max() == 1
+    assert sorted(set(a.labels_train.tolist())) == list(range(10))
+    # no image is in both splits
+    flat_train = {tuple(x.flatten().tolist()) for x in a.train}
+    assert sum(tuple(x.flatten().tolist()) in flat_train for x in a.heldout) < 5  # dataset duplicates
+
+
+def test_folder_of_images(tmp_path):
+    rng = np.random.default_rng(0)
+    for k, size in enumerate([(20, 20), (30, 24), (16, 40)]):  # mixed sizes: centre-crop + resize
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / f"{k}.png")
+    ds = data.load(str(tmp_path), 8, 3)
+    assert ds.train.shape[1:] == (3, 8, 8) and len(ds.train) + len(ds.heldout) == 3
+    assert ds.train.min() >= -1 and ds.train.max() <= 1
+    grey = data.load(str(tmp_path), 8, 1)
+    assert grey.train.shape[1] == 1
+
+
+def test_npz(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 255, (12, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "x.npz", images=arr)
+    ds = data.load(str(tmp_path / "x.npz"), 8, 3)
+    everything = torch.cat([ds.train, ds.heldout])
+    expected = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    assert all(any(torch.allclose(x, y, atol=1e-6) for y in expected) for x in everything)
+
+
+def test_cifar_batches(tmp_path):
+    import pickle
+
+    arr = np.random.default_rng(0).integers(0, 255, (6, 3072), dtype=np.uint8)
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": arr, b"labels": [0] * 6}, f)
+    ds = data.load(str(tmp_path), 32, 3)
+    assert len(ds.train) + len(ds.heldout) == 6 and ds.train.shape[1:] == (3, 32, 32)
+
+
+def test_cifar_batch_that_runs_code_is_refused(tmp_path):
+    import os
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Evil()}, f)
+    with pytest.raises(UserError, match="not a CIFAR-10 python batch"):
+        data.load(str(tmp_path), 32, 3)
+    assert not marker.exists()
+
+
+def test_bad_data(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        data.load(str(tmp_path / "absent"), 8, 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no PNG or JPEG"):
+        data.load(str(tmp_path / "empty"), 8, 1)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot read image"):
+        data.load(str(tmp_path / "broken"), 8, 1)
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(UserError, match="3 channels, the model wants 1"):
+        data.load(str(tmp_path / "rgb.npz"), 8, 1)
+    np.savez(tmp_path / "two.npz", a=np.zeros((4, 8, 8)), b=np.zeros((4, 8, 8)))
+    with pytest.raises(UserError, match="several arrays"):
+        data.load(str(tmp_path / "two.npz"), 8, 1)
+    with pytest.raises(UserError, match="greyscale"):
+        data.load("digits", 16, 3)
