@@ -2,14 +2,17 @@
 
 Philox4x32-10 (Salmon et al. 2011) with key = seed and counter = (element, step, sample, stream),
 then Box-Muller on the first two words — the same recipe as `tl.randn` in Triton, so the Triton
-kernels and this torch reference draw the same numbers. A sample's noise depends only on its own
-index, never on the batch it was drawn in: same seed → same images at any batch size.
+kernels (`gaussian_triton`) and this torch reference (`gaussian`) draw the same numbers. A
+sample's noise depends only on its own index, never on the batch it was drawn in: same seed →
+same images at any batch size.
 
 `element` is the index in the sample's logical (C, H, W) order, whatever the memory format.
 """
 from __future__ import annotations
 
 import torch
+
+from .dispatch import HAS_TRITON
 
 STEP_STREAM = 0  # z of the reverse steps
 INIT_STREAM = 1  # x_T
@@ -61,3 +64,15 @@ def gaussian(seed: int, sample_index: torch.Tensor, step: int, shape: tuple[int,
     theta = 6.283185307179586 * _uniform(w1)
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
     return z.view(len(sample_index), *shape)
+
+
+if HAS_TRITON:
+    import triton
+    from triton.language.random import pair_uniform_to_normal, philox, uint_to_uniform_float
+
+    @triton.jit
+    def gaussian_triton(seed, elem, step, sample, stream):
+        """`gaussian` inside a kernel: seed int64 scalar; elem, step, sample, stream uint32."""
+        w0, w1, _, _ = philox(seed, elem, step, sample, stream)
+        z, _ = pair_uniform_to_normal(uint_to_uniform_float(w0), uint_to_uniform_float(w1))
+        return z
