@@ -31,7 +31,7 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 10):
+def philox4x32(seed: int | torch.Tensor, c0, c1, c2, c3, rounds: int = 10):
     """Philox4x32 on int64 tensors holding uint32 values; returns the four output words."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(rounds):
@@ -49,22 +49,44 @@ def _uniform(word: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.int32).to(torch.float32) * 4.6566127342e-10
 
 
+def _normal(seed, elem: torch.Tensor, step, sample: torch.Tensor, stream: int) -> torch.Tensor:
+    """Box-Muller on Philox words 0 and 1; seed and step may be ints or int64 0-d tensors."""
+    step = torch.as_tensor(step, dtype=torch.int64, device=elem.device).expand_as(elem)
+    w0, w1, _, _ = philox4x32(seed, elem, step, sample, torch.full_like(elem, stream))
+    u1 = _uniform(w0).clamp(min=1.0e-7)
+    theta = 6.283185307179586 * _uniform(w1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+def _counters(first, batch: int, shape: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(element, global sample index) counters, each (batch, numel)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    elem = torch.arange(numel, dtype=torch.int64, device=device).expand(batch, numel)
+    sample = (first + torch.arange(batch, dtype=torch.int64, device=device)).view(-1, 1)
+    return elem, sample.expand_as(elem)
+
+
 def gaussian(seed: int, sample_index: torch.Tensor, step: int, shape: tuple[int, ...],
              stream: int = STEP_STREAM, device=None) -> torch.Tensor:
     """float32 N(0,1) of shape (len(sample_index), *shape) for global sample indices (B,)."""
     device = device if device is not None else sample_index.device
-    numel = 1
-    for n in shape:
-        numel *= n
-    elem = torch.arange(numel, dtype=torch.int64, device=device).expand(len(sample_index), numel)
+    elem, _ = _counters(0, len(sample_index), shape, device)
     sample = sample_index.to(device, torch.int64).view(-1, 1).expand_as(elem)
-    w0, w1, _, _ = philox4x32(int(seed), elem, torch.full_like(elem, step), sample,
-                              torch.full_like(elem, stream))
-    u1 = _uniform(w0).clamp(min=1.0e-7)
-    theta = 6.283185307179586 * _uniform(w1)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    z = _normal(int(seed), elem, step, sample, stream)
     return z.view(len(sample_index), *shape)
 
+
+def step_noise(rng: torch.Tensor, step: torch.Tensor, batch: int,
+               shape: tuple[int, ...]) -> torch.Tensor:
+    """The reverse step's z read from device tensors, with no host sync (CUDA-graph safe):
+    `gaussian(rng[0], rng[1] + arange(batch), step[0], shape, STEP_STREAM)`.
+
+    rng: int64 (2,) = (seed, global index of the batch's first sample); step: int64 (1,)."""
+    elem, sample = _counters(rng[1], batch, shape, rng.device)
+    z = _normal(rng[0], elem, step.view(()), sample, STEP_STREAM)
+    return z.view(batch, *shape)
 
 if HAS_TRITON:
     import triton
