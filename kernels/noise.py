@@ -90,6 +90,7 @@ def step_noise(rng: torch.Tensor, step: torch.Tensor, batch: int,
 
 if HAS_TRITON:
     import triton
+    import triton.language as tl  # noqa: F401  (the interpreter patches it in the helper's globals)
     from triton.language.random import pair_uniform_to_normal, philox, uint_to_uniform_float
 
     @triton.jit

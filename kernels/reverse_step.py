@@ -4,13 +4,21 @@
     x_prev = a · x̂0 + b · x_t + c · ε + d · x̂0_prev + σ · z
 
 All arithmetic in float32 (float64 in the reference when given float64), I/O in the input dtype.
-z is drawn from (seed, global sample index, step, element) by `noise.gaussian`.
+z is drawn from (seed, global sample index, step, element) by `noise.gaussian`; the kernel draws
+the same numbers in registers (`noise.gaussian_triton`), so nothing is stored. The row of the
+table and the seed are read from device tensors: a CUDA graph captured once replays every step
+and every seed with no host work. σ = 0 in the table's last row gives z = 0 there.
+
+Bytes moved per element: read x, ε (and x̂0_prev), write x_prev (and x̂0) — the kernel's floor.
 """
 from __future__ import annotations
 
 import torch
 
-from .noise import STEP_STREAM, gaussian
+from .dispatch import HAS_TRITON, kernel_applies, use_fused
+from .noise import STEP_STREAM, step_noise
+
+BLOCK = 1024  # elements per program: 4 warps × 32 lanes × 8 (two 16-byte fp32 vectors each)
 
 
 def reverse_step_reference(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
@@ -31,15 +39,147 @@ def reverse_step_reference(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tenso
     return out.to(x.dtype), x0.to(x.dtype)
 
 
+def _reference_step(x, eps, coef, step, rng, x0_prev, clip):
+    """The reference with the table row and the noise taken from device tensors (no sync)."""
+    z = step_noise(rng, step, x.shape[0], tuple(x.shape[1:]))
+    row = coef.index_select(0, step.view(1)).view(-1)
+    return reverse_step_reference(x, eps, row, z, x0_prev, clip)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The dense layout the kernel walks: NHWC only for a 4-D x that is channels_last and not also
+    plain contiguous (C = 1 or H·W = 1 make them the same)."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    from .noise import gaussian_triton
+
+    @triton.jit
+    def _reverse_step_kernel(
+        x_ptr,  # (B, C, H, W) x_t, fp32/fp16/bf16, dense in NCHW or NHWC memory order
+        eps_ptr,  # like x: ε
+        x0_prev_ptr,  # like x: x̂0 of the previous step (read only if HAS_X0_PREV)
+        out_ptr,  # like x: x_prev (may be x itself: each element is read before it is written)
+        x0_out_ptr,  # like x: x̂0 (written only if STORE_X0; may be x0_prev itself)
+        coef_ptr,  # (S, 7) float32 contiguous: c_x, c_e, a, b, c, d, σ per step
+        step_ptr,  # (1,) int64: the row of coef
+        rng_ptr,  # (2,) int64: seed, global index of the batch's first sample
+        numel,  # B·C·H·W
+        channels,  # C (1 for tensors that are not 4-D: the sample is then one flat run)
+        pixels,  # H·W (the product of the non-batch, non-channel sizes)
+        stream,  # Philox counter word 3: noise.STEP_STREAM
+        CLIP: tl.constexpr,
+        HAS_X0_PREV: tl.constexpr,
+        STORE_X0: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        step = tl.load(step_ptr)
+        row = coef_ptr + step * 7
+        c_x, c_e = tl.load(row), tl.load(row + 1)
+        a, b, c = tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+        d, sigma = tl.load(row + 5), tl.load(row + 6)
+
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        e = tl.load(eps_ptr + offs, mask=mask).to(tl.float32)
+        x0 = c_x * x - c_e * e
+        if CLIP:
+            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        out = a * x0 + b * x + c * e
+        if HAS_X0_PREV:
+            out += d * tl.load(x0_prev_ptr + offs, mask=mask).to(tl.float32)
+        if sigma != 0.0:  # DDIM(η=0), DPM-Solver++ and every last step skip Philox altogether
+            per_sample = channels * pixels
+            sample = offs // per_sample
+            within = offs - sample * per_sample
+            if CHANNELS_LAST:  # memory (h·w, c) → the noise contract's logical (c, h·w) index
+                pixel = within // channels
+                within = (within - pixel * channels) * pixels + pixel
+            seed = tl.load(rng_ptr)
+            first = tl.load(rng_ptr + 1)
+            zero = within.to(tl.uint32) * 0  # counters as full blocks, like the reference's
+            z = gaussian_triton(seed, within.to(tl.uint32), zero + step.to(tl.uint32),
+                                (first + sample).to(tl.uint32), zero + stream)
+            out += sigma * z
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if STORE_X0:
+            tl.store(x0_out_ptr + offs, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+
+    def launch_reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
+                            step: torch.Tensor, rng: torch.Tensor, x0_prev: torch.Tensor | None,
+                            out: torch.Tensor, x0_out: torch.Tensor | None, clip: bool) -> None:
+        """Launch the kernel: x, eps, x0_prev, out, x0_out dense with x's shape and strides;
+        coef (S, 7) float32 contiguous. Tests call this directly under TRITON_INTERPRET=1."""
+        channels_last = _memory_format(x) == torch.channels_last
+        channels, pixels = (x.shape[1], x.shape[2] * x.shape[3]) if x.ndim == 4 else (1, x[0].numel())
+        numel = x.numel()
+        wrap_triton(_reverse_step_kernel)[(triton.cdiv(numel, BLOCK),)](
+            x, eps, x0_prev if x0_prev is not None else x, out, x0_out if x0_out is not None else out,
+            coef, step, rng, numel, channels, pixels, STEP_STREAM,
+            CLIP=clip, HAS_X0_PREV=x0_prev is not None, STORE_X0=x0_out is not None,
+            CHANNELS_LAST=channels_last, BLOCK=BLOCK, num_warps=4)
+
+    @triton_op("fastddpm::reverse_step", mutates_args={"out", "x0_out"})
+    def _reverse_step_op(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
+                         rng: torch.Tensor, x0_prev: torch.Tensor | None, out: torch.Tensor,
+                         x0_out: torch.Tensor | None, clip: bool) -> None:
+        """Writes x_prev into `out` and x̂0 into `x0_out` (if given). Operands are prepared by
+        `reverse_step`: dense, one layout, coef float32 contiguous."""
+        if kernel_applies(x):
+            launch_reverse_step(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+        else:  # reached under torch.compile tracing of CPU or float64 tensors
+            _write_reference(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+
+    @_reverse_step_op.register_kernel("cpu")
+    def _reverse_step_cpu(x, eps, coef, step, rng, x0_prev, out, x0_out, clip):
+        _write_reference(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+
+
+def _write_reference(x, eps, coef, step, rng, x0_prev, out, x0_out, clip) -> None:
+    x_prev, x0 = _reference_step(x, eps, coef, step, rng, x0_prev, clip)
+    out.copy_(x_prev)
+    if x0_out is not None:
+        x0_out.copy_(x0)
+
+
 def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
-                 rng: torch.Tensor, x0_prev: torch.Tensor | None = None,
-                 clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 rng: torch.Tensor, x0_prev: torch.Tensor | None = None, clip: bool = False, *,
+                 out: torch.Tensor | None = None, x0_out: torch.Tensor | None = None,
+                 return_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One reverse step with row `step` of the table and noise drawn from `rng`.
 
-    coef: (S, 7) float32 table; step: int64 (1,) index into it; rng: int64 (2,) = (seed, global
-    index of the batch's first sample). Both live on the device so a CUDA graph replays them."""
-    i = int(step.item())
-    seed, first = (int(v) for v in rng.tolist())
-    sample_index = torch.arange(first, first + x.shape[0], device=x.device)
-    z = gaussian(seed, sample_index, i, tuple(x.shape[1:]), STEP_STREAM)
-    return reverse_step_reference(x, eps, coef[i], z.to(x.device), x0_prev, clip)
+    x, eps, x0_prev: (B, ...) in one dtype; coef: (S, 7) float32 table; step: int64 (1,) index
+    into it; rng: int64 (2,) = (seed, global index of the batch's first sample). Both live on the
+    device so a CUDA graph replays them. `out` / `x0_out` (x's shape, dtype and layout) receive
+    x_prev / x̂0 in place — `out` may be x and `x0_out` may be x0_prev. With return_x0=False and
+    no x0_out, x̂0 is neither written nor returned (None). Returns (x_prev, x̂0)."""
+    if not use_fused(x, eps, x0_prev):
+        x_prev, x0 = _reference_step(x, eps, coef, step, rng, x0_prev, clip)
+        if out is not None:
+            x_prev = out.copy_(x_prev)
+        if x0_out is not None:
+            x0 = x0_out.copy_(x0)
+        return x_prev, (x0 if return_x0 or x0_out is not None else None)
+    fmt = _memory_format(x)
+    x = x.contiguous(memory_format=fmt)  # no copies when the caller's tensors already agree
+    eps = eps.to(x.dtype).contiguous(memory_format=fmt)
+    x0_prev = None if x0_prev is None else x0_prev.to(x.dtype).contiguous(memory_format=fmt)
+    coef = coef.to(torch.float32).contiguous()
+    if out is None:
+        out = torch.empty_like(x)
+    if x0_out is None and return_x0:
+        x0_out = torch.empty_like(x)
+    for buffer in (out, x0_out):
+        assert buffer is None or (buffer.dtype == x.dtype and buffer.stride() == x.stride()), \
+            "out buffers must match x in dtype and layout"
+    torch.ops.fastddpm.reverse_step(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+    return out, x0_out
