@@ -64,12 +64,11 @@ class Sampler:
     def _step(self, buf: _Buffers) -> None:
         t = self.timesteps.index_select(0, buf.step).expand(buf.x.shape[0])
         eps = self.denoise(buf.x, t)
-        x_prev, x0 = kernels.reverse_step(buf.x, eps, self.coef, buf.step, buf.rng,
-                                          buf.x0_prev, self.table.clip)
-        buf.x.copy_(x_prev)
-        buf.x0.copy_(x0)
+        # written in place: x_prev over x, x̂0 into x0 (each element is read before it is written)
+        kernels.reverse_step(buf.x, eps, self.coef, buf.step, buf.rng, buf.x0_prev,
+                             self.table.clip, out=buf.x, x0_out=buf.x0)
         if buf.x0_prev is not None:
-            buf.x0_prev.copy_(x0)
+            buf.x0_prev.copy_(buf.x0)
         buf.step.add_(1)
 
     def _graph_for(self, batch: int, x_T: torch.Tensor, seed: int, first: int):
