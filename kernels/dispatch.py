@@ -53,3 +53,11 @@ def use_fused(*tensors: torch.Tensor | None) -> bool:
     if not fused_available(present[0].device) or present[0].dtype not in FUSED_DTYPES:
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+
+
+def dense_layout(x: torch.Tensor) -> torch.memory_format:
+    """The dense layout a kernel walks x in: NHWC only for a 4-D x that is channels_last and not
+    also plain contiguous (C = 1 or H·W = 1 make the two the same)."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, kernel_applies, use_fused
+from .dispatch import HAS_TRITON, dense_layout, kernel_applies, use_fused
 from .noise import STEP_STREAM, step_noise
 
 BLOCK = 1024  # elements per program: 4 warps × 32 lanes × 8 (two 16-byte fp32 vectors each)
@@ -44,14 +44,6 @@ def _reference_step(x, eps, coef, step, rng, x0_prev, clip):
     z = step_noise(rng, step, x.shape[0], tuple(x.shape[1:]))
     row = coef.index_select(0, step.view(1)).view(-1)
     return reverse_step_reference(x, eps, row, z, x0_prev, clip)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The dense layout the kernel walks: NHWC only for a 4-D x that is channels_last and not also
-    plain contiguous (C = 1 or H·W = 1 make them the same)."""
-    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 if HAS_TRITON:
@@ -119,7 +111,7 @@ if HAS_TRITON:
                             out: torch.Tensor, x0_out: torch.Tensor | None, clip: bool) -> None:
         """Launch the kernel: x, eps, x0_prev, out, x0_out dense with x's shape and strides;
         coef (S, 7) float32 contiguous. Tests call this directly under TRITON_INTERPRET=1."""
-        channels_last = _memory_format(x) == torch.channels_last
+        channels_last = dense_layout(x) == torch.channels_last
         channels, pixels = (x.shape[1], x.shape[2] * x.shape[3]) if x.ndim == 4 else (1, x[0].numel())
         numel = x.numel()
         wrap_triton(_reverse_step_kernel)[(triton.cdiv(numel, BLOCK),)](
@@ -169,7 +161,7 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
         if x0_out is not None:
             x0 = x0_out.copy_(x0)
         return x_prev, (x0 if return_x0 or x0_out is not None else None)
-    fmt = _memory_format(x)
+    fmt = dense_layout(x)
     x = x.contiguous(memory_format=fmt)  # no copies when the caller's tensors already agree
     eps = eps.to(x.dtype).contiguous(memory_format=fmt)
     x0_prev = None if x0_prev is None else x0_prev.to(x.dtype).contiguous(memory_format=fmt)
