@@ -1,7 +1,22 @@
-"""Fused kernels beside their plain-torch references (installed as fastddpm.kernels)."""
+"""Fused kernels beside their plain-torch references (installed as fastddpm.kernels).
+
+- `reverse_step(x, eps, coef, step, rng, x0_prev, clip)`: every sampler's update, one launch
+  per step, noise drawn in the kernel (torch op `fastddpm::reverse_step`).
+- `group_norm_silu(x, weight, bias, groups, eps, bias_nc, silu)`: GroupNorm (+ time-embedding
+  bias, + SiLU) for the U-Net (torch op `fastddpm::group_norm_silu`).
+- `gaussian(...)`: the noise both draw, as a reference (kernels.noise).
+
+Each runs its Triton kernel on CUDA tensors and its reference elsewhere (see kernels.dispatch).
+`use_reference()` forces the references inside a `with` block — use it while tracing for ONNX
+export, so the graph holds standard ops instead of `fastddpm::` custom ops:
+
+    with fastddpm.kernels.use_reference():
+        torch.onnx.export(unet, (x, t), "unet.onnx", ...)
+"""
+from .dispatch import HAS_TRITON, use_reference
 from .group_norm_silu import group_norm_silu, group_norm_silu_reference
 from .noise import gaussian
 from .reverse_step import reverse_step, reverse_step_reference
 
-__all__ = ["gaussian", "group_norm_silu", "group_norm_silu_reference", "reverse_step",
-           "reverse_step_reference"]
+__all__ = ["HAS_TRITON", "gaussian", "group_norm_silu", "group_norm_silu_reference",
+           "reverse_step", "reverse_step_reference", "use_reference"]
