@@ -20,6 +20,7 @@ except ImportError:  # CPU-only installs: the references serve
     HAS_TRITON = False
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FUSED_DEVICES = ("cuda",)  # where the custom ops are called (tests add "cpu" to reach the ops)
 
 # A plain module counter, not a ContextVar: dynamo cannot trace ContextVar.get(), and the U-Net
 # is compiled with fullgraph=True. Not thread-local — export traces on one thread.
@@ -44,7 +45,7 @@ def kernel_applies(x: torch.Tensor) -> bool:
 
 def fused_available(device: torch.device) -> bool:
     """Whether the fused kernels serve tensors on `device` here and now."""
-    return HAS_TRITON and device.type == "cuda" and _force_reference_depth == 0
+    return HAS_TRITON and device.type in FUSED_DEVICES and _force_reference_depth == 0
 
 
 def use_fused(*tensors: torch.Tensor | None) -> bool:

@@ -1,0 +1,269 @@
+"""The fused reverse step against its reference, and its in-kernel noise against noise.gaussian.
+
+On the CPU the Triton kernel runs under the interpreter (conftest.py); on a GPU machine the same
+tests run compiled (`pytest -m gpu`)."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from kernel_checks import DEVICES, assert_close, dtypes_for, needs_triton, poisoned
+
+from fastddpm import kernels
+from fastddpm.kernels import dispatch, noise
+from fastddpm.samplers import ddim_table, ddpm_table, dpmpp_2m_table
+from fastddpm.schedule import Schedule, ScheduleConfig
+
+SCHEDULE = Schedule(ScheduleConfig("linear", 1000))
+rs = importlib.import_module("fastddpm.kernels.reverse_step")  # the module, not the function
+
+SHAPES = [
+    (1, 3, 5, 7),  # batch 1, odd sizes, 105 elements < one block
+    (2, 3, 33, 31),  # 6138 elements: several blocks and a ragged last one
+    (3, 4, 1, 1),  # H·W = 1
+    (2, 1, 6, 6),  # one channel
+    (3, 10),  # not 4-D: the sample is one flat run
+]
+# NCHW, and NHWC where it differs from NCHW (4-D with C > 1 and H·W > 1)
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _inputs(shape, dtype, device, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand():
+        t = torch.randn(shape, generator=g).to(device, dtype)
+        return t.contiguous(memory_format=layout) if len(shape) == 4 else t
+
+    coef = torch.rand(5, 7, generator=g) * 2 - 0.5  # never zero, both signs, σ ≠ 0
+    coef[:, 0] += 1.0  # c_x ≥ 0.5: x̂0 leaves [−1, 1] often, so clipping is exercised
+    return rand(), rand(), rand(), coef.to(device)
+
+
+def _device_tensors(device, step, seed, first):
+    return (torch.tensor([step], dtype=torch.int64, device=device),
+            torch.tensor([seed, first], dtype=torch.int64, device=device))
+
+
+def _launch(x, eps, coef, step, rng, x0_prev=None, clip=False, store_x0=True):
+    out = poisoned(x)
+    x0_out = poisoned(x) if store_x0 else None
+    rs.launch_reverse_step(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+    return out, x0_out
+
+
+def _noise_only(shape, device, sigma=1.0):
+    """A table whose every row is x_prev = σ·z: the kernel then outputs its own noise."""
+    coef = torch.zeros(8, 7, device=device)  # steps 0..7
+    coef[:, 6] = sigma
+    zeros = torch.zeros(shape, device=device)
+    return zeros, coef
+
+
+def _kernel_noise(shape, device, step, seed, first):
+    x, coef = _noise_only(shape, device)
+    step_t, rng = _device_tensors(device, step, seed, first)
+    out, _ = _launch(x, x, coef, step_t, rng, store_x0=False)
+    return out
+
+
+# the kernel's words are Philox's exactly; its log/cos round differently from torch's (numpy in
+# the interpreter: measured 4.8e-7 = 1 ulp at |z| ≈ 4; CUDA's approximate log/cos: a few ulp)
+NOISE_ATOL = {"cpu": 1e-6, "cuda": 1e-5}
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("clip", [False, True], ids=["raw", "clip"])
+def test_kernel_matches_reference(device, shape, layout, clip):
+    if layout == torch.channels_last and (len(shape) != 4 or shape[1] == 1 or shape[2] * shape[3] == 1):
+        pytest.skip("channels_last is the same memory as NCHW for this shape")
+    for dtype in dtypes_for(device):
+        x, eps, x0_prev, coef = _inputs(shape, dtype, device, layout)
+        step, rng = _device_tensors(device, 3, 1234, 17)
+        out, x0 = _launch(x, eps, coef, step, rng, x0_prev, clip)
+        z = noise.gaussian(1234, torch.arange(17, 17 + shape[0]), 3, shape[1:]).to(device)
+        want, want_x0 = rs.reverse_step_reference(x, eps, coef[3], z, x0_prev, clip)
+        assert out.stride() == x.stride()
+        assert_close(out, want, dtype)
+        assert_close(x0, want_x0, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_x0_prev_and_without_x0_output(device):
+    x, eps, _, coef = _inputs((2, 3, 7, 5), torch.float32, device, torch.contiguous_format, seed=1)
+    step, rng = _device_tensors(device, 0, 5, 0)
+    coef[:, 5] = 0.0  # d: no x̂0_prev term, as in DDPM and DDIM
+    out, x0 = _launch(x, eps, coef, step, rng, None, False, store_x0=False)
+    z = noise.gaussian(5, torch.arange(2), 0, (3, 7, 5)).to(device)
+    assert x0 is None
+    assert_close(out, rs.reverse_step_reference(x, eps, coef[0], z)[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_outputs(device):
+    """The runtime writes x_prev over x and x̂0 over x̂0_prev."""
+    x, eps, x0_prev, coef = _inputs((2, 3, 9, 9), torch.float32, device, torch.contiguous_format, 2)
+    step, rng = _device_tensors(device, 1, 8, 4)
+    z = noise.gaussian(8, torch.arange(4, 6), 1, (3, 9, 9)).to(device)
+    want, want_x0 = rs.reverse_step_reference(x, eps, coef[1], z, x0_prev, True)
+    rs.launch_reverse_step(x, eps, coef, step, rng, x0_prev, x, x0_prev, True)
+    assert_close(x, want)
+    assert_close(x0_prev, want_x0)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("table", ["ddpm", "ddim", "dpm++"])
+def test_every_sampler_table_every_step(device, table):
+    """Real tables (float64 → float32 on the device): each row against the reference."""
+    make = {"ddpm": lambda s: ddpm_table(s, 6), "ddim": lambda s: ddim_table(s, 6, eta=0.5),
+            "dpm++": lambda s: dpmpp_2m_table(s, 6)}[table]
+    tab = make(SCHEDULE)
+    coef = tab.coef.to(device, torch.float32)
+    x, eps, x0_prev, _ = _inputs((2, 3, 4, 4), torch.float32, device, torch.contiguous_format, 3)
+    for i in range(tab.num_steps):
+        step, rng = _device_tensors(device, i, 77, 0)
+        out, x0 = _launch(x, eps, coef, step, rng, x0_prev, tab.clip)
+        z = noise.gaussian(77, torch.arange(2), i, (3, 4, 4)).to(device)
+        want, want_x0 = rs.reverse_step_reference(x, eps, coef[i], z, x0_prev, tab.clip)
+        assert_close(out, want, atol=1e-5 * max(1.0, coef[i].abs().max().item()))
+        assert_close(x0, want_x0, atol=1e-5 * max(1.0, coef[i].abs().max().item()))
+
+
+# ---- the noise ------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 3, 2**40 + 12345], ids=["seed0", "seed3", "seed64bit"])
+def test_noise_equals_reference_gaussian(device, seed):
+    shape = (3, 3, 8, 5)
+    z = _kernel_noise(shape, device, step=7, seed=seed, first=11)
+    want = noise.gaussian(seed, torch.arange(11, 14), 7, shape[1:]).to(device)
+    assert_close(z, want, atol=NOISE_ATOL[device], rtol=0.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_follows_logical_order_in_channels_last(device):
+    """The noise contract indexes (C, H, W), whatever the memory order."""
+    shape = (2, 3, 4, 5)
+    x, coef = _noise_only(shape, device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    step, rng = _device_tensors(device, 2, 9, 0)
+    out, _ = _launch(x, x, coef, step, rng, store_x0=False)
+    assert_close(out, _kernel_noise(shape, device, 2, 9, 0), atol=0.0, rtol=0.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_noise_other_seed_other_noise(device):
+    shape = (2, 3, 6, 6)
+    a = _kernel_noise(shape, device, 4, 21, 0)
+    assert torch.equal(a, _kernel_noise(shape, device, 4, 21, 0))
+    other = _kernel_noise(shape, device, 4, 22, 0)
+    assert (a != other).float().mean() > 0.99
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_statistics(device):
+    """n = 24,576 draws per seed. Bounds at 5 standard errors (a false alarm ~ 6e-7 per check):
+    |mean| < 5/√n, |var − 1| < 5·√(2/n), |corr| < 5/√n for neighbouring elements, neighbouring
+    samples and consecutive steps."""
+    shape = (8, 3, 32, 32)
+    n = math.prod(shape)
+    for seed in (1, 2):
+        z = _kernel_noise(shape, device, 0, seed, 0).double().cpu()
+        z_next_step = _kernel_noise(shape, device, 1, seed, 0).double().cpu()
+        flat = z.flatten()
+        assert abs(flat.mean()) < 5 / math.sqrt(n)
+        assert abs(flat.var() - 1.0) < 5 * math.sqrt(2 / n)
+        pairs = {
+            "neighbouring elements": (flat[:-1], flat[1:]),
+            "neighbouring samples": (z[:-1].flatten(), z[1:].flatten()),
+            "consecutive steps": (flat, z_next_step.flatten()),
+        }
+        for name, (u, v) in pairs.items():
+            corr = torch.corrcoef(torch.stack([u, v]))[0, 1]
+            assert abs(corr) < 5 / math.sqrt(u.numel()), f"{name}: corr {corr:.4f}"
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_noise_where_sigma_is_zero(device):
+    """A DDPM table's last row has σ = 0: x_prev is the posterior mean exactly."""
+    tab = ddpm_table(SCHEDULE, 5)
+    coef = tab.coef.to(device, torch.float32)
+    assert coef[-1, 6] == 0 and (coef[:-1, 6] > 0).all()
+    x, eps, _, _ = _inputs((2, 3, 5, 5), torch.float32, device, torch.contiguous_format, 4)
+    step, rng = _device_tensors(device, tab.num_steps - 1, 3, 0)
+    out, _ = _launch(x, eps, coef, step, rng, None, tab.clip)
+    assert_close(out, rs.reverse_step_reference(x, eps, coef[-1], None, None, tab.clip)[0])
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_split_invariance(device):
+    """Samples 10..13 drawn as one batch or as two batches of two: the same noise."""
+    whole = _kernel_noise((4, 3, 5, 5), device, 6, 99, 10)
+    first = _kernel_noise((2, 3, 5, 5), device, 6, 99, 10)
+    second = _kernel_noise((2, 3, 5, 5), device, 6, 99, 12)
+    assert torch.equal(whole, torch.cat([first, second]))
+
+
+# ---- the public function and the op ----------------------------------------------------------
+
+def test_step_noise_reads_device_tensors_like_gaussian():
+    got = noise.step_noise(torch.tensor([2**40 + 5, 3]), torch.tensor([4]), 2, (3, 4, 4))
+    assert torch.equal(got, noise.gaussian(2**40 + 5, torch.arange(3, 5), 4, (3, 4, 4)))
+
+
+@pytest.mark.parametrize("via_op", [False, True], ids=["reference", "op"])
+def test_public_reverse_step(monkeypatch, via_op):
+    """The public function (CPU: the reference; with "cpu" among the fused devices: the op and its
+    CPU kernel) — out buffers, in place, and return_x0=False."""
+    if via_op:
+        if not dispatch.HAS_TRITON:
+            pytest.skip("the op exists only with triton")
+        monkeypatch.setattr(dispatch, "FUSED_DEVICES", ("cuda", "cpu"))
+    x, eps, x0_prev, coef = _inputs((2, 3, 4, 4), torch.float32, "cpu", torch.contiguous_format, 5)
+    step, rng = _device_tensors("cpu", 2, 6, 1)
+    z = noise.gaussian(6, torch.arange(1, 3), 2, (3, 4, 4))
+    want, want_x0 = rs.reverse_step_reference(x, eps, coef[2], z, x0_prev, True)
+    got, got_x0 = kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True)
+    assert_close(got, want)
+    assert_close(got_x0, want_x0)
+    got, none = kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, return_x0=False)
+    assert none is None
+    assert_close(got, want)
+    kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, out=x, x0_out=x0_prev)
+    assert_close(x, want)
+    assert_close(x0_prev, want_x0)
+
+
+@needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_new_steps_and_seeds():
+    """Captured once, the step reads its row and seed from memory at every replay."""
+    shape = (3, 3, 8, 8)
+    x, eps, _, coef = _inputs(shape, torch.float16, "cuda", torch.contiguous_format, 6)
+    step, rng = _device_tensors("cuda", 0, 1, 0)
+    out, x0_out = poisoned(x), poisoned(x)
+    kernels.reverse_step(x, eps, coef, step, rng, out=out, x0_out=x0_out)  # warm-up: compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.reverse_step(x, eps, coef, step, rng, out=out, x0_out=x0_out)
+    for i, seed in [(1, 5), (4, 2**33)]:
+        step.fill_(i)
+        rng.copy_(torch.tensor([seed, 7]))
+        graph.replay()
+        z = noise.gaussian(seed, torch.arange(7, 10), i, shape[1:]).cuda()
+        assert_close(out, rs.reverse_step_reference(x, eps, coef[i], z)[0])
