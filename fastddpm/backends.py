@@ -14,7 +14,7 @@ from .errors import UserError
 from .model import DiffusionModel
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-BACKENDS = ("torch", "compile")
+BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -41,6 +41,10 @@ def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
     """ε-model callable for `backend` ('torch': eager; 'compile': torch.compile'd)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend in ("onnxruntime", "tensorrt"):  # imported here: ONNX and TensorRT are optional
+        from .export.runners import make_export_denoiser
+
+        return make_export_denoiser(model, backend, device, dtype)
     unet = model.unet
     if next(unet.parameters()).dtype != dtype:
         unet = copy.deepcopy(unet)  # casting in place would round the caller's weights for good

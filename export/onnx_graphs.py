@@ -1,0 +1,132 @@
+"""The two exported graphs as torch modules, and their trace to an ONNX ModelProto.
+
+ε graph:    x (B, C, H, W), t int64 (B,)                      → eps (B, C, H, W)
+step graph: x (B, C, H, W), step int64 (1,), noise (B, C, H, W)
+            [, x0_prev (B, C, H, W) for DPM-Solver++(2M)]      → x_prev, x0 (B, C, H, W)
+
+The step graph carries the sampler table (timesteps and coefficients) as constants, so a host
+needs only `for step in range(S): x, x0 = run(x, step, noise_step)`; t = timesteps[step] and the
+update of `kernels.reverse_step_reference` happen inside. No If/Loop/Scan: the ORT CUDA EP and
+TensorRT can graph-capture it. GroupNorm becomes ONNX GroupNormalization (per-channel scale and
+bias) from opset 21 and an InstanceNormalization decomposition below that; either way its
+statistics are computed in float32, also in fp16/bf16 graphs (the reference casts up first).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+
+import onnx
+import torch
+from torch import nn
+
+from fastddpm import kernels
+from fastddpm.samplers import SamplerTable
+from fastddpm.unet import UNet
+
+EPS_INPUTS, EPS_OUTPUTS = ("x", "t"), ("eps",)
+STEP_INPUTS, STEP_OUTPUTS = ("x", "step", "noise", "x0_prev"), ("x_prev", "x0")
+GROUPNORM_NATIVE_OPSET = 21  # GroupNormalization with per-channel scale/bias (18 had per-group)
+MIN_OPSET = 18  # the torch.onnx (dynamo) exporter's own opset; older ones it cannot write
+BF16_MIN_OPSET = 22  # Conv, Gemm and InstanceNormalization accept bfloat16 from opset 22
+TRACE_BATCH = 2  # torch.export specialises a batch of 1 to a constant
+
+
+class StepGraph(nn.Module):
+    """One reverse step with the ε-model inside: what the step graph computes."""
+
+    def __init__(self, unet: UNet, table: SamplerTable):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("timesteps", table.timesteps.clone())
+        # float32 like the runtime's device table; the step arithmetic is float32 in every dtype
+        self.register_buffer("coef", table.coef.to(torch.float32))
+        self.clip = table.clip
+        self.uses_x0_prev = table.uses_x0_prev
+
+    def forward(self, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor,
+                x0_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.timesteps.index_select(0, step).expand(x.shape[0])
+        eps = self.unet(x, t)
+        row = self.coef.index_select(0, step).squeeze(0)
+        return kernels.reverse_step_reference(x, eps, row, noise, x0_prev, self.clip)
+
+
+def example_inputs(graph: str, image_shape: tuple[int, ...], batch: int, dtype: torch.dtype,
+                   num_steps: int = 1, uses_x0_prev: bool = False,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Random inputs (never zeros) for the ε or step graph, by input name."""
+    def image() -> torch.Tensor:
+        return torch.randn((batch, *image_shape), generator=generator).to(dtype)
+
+    if graph == "eps":
+        return {"x": image(), "t": torch.randint(0, 1000, (batch,), generator=generator)}
+    inputs = {"x": image(), "step": torch.randint(0, num_steps, (1,), generator=generator),
+              "noise": image()}
+    if uses_x0_prev:
+        inputs["x0_prev"] = image()
+    return inputs
+
+
+def _attention_math(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+    """softmax(q kᵀ · scale) v: the exporter only translates 4-D SDPA, the U-Net's is 3-D."""
+    assert attn_mask is None and not is_causal and dropout_p == 0.0
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return torch.softmax((q @ k.transpose(-2, -1)) * s, dim=-1) @ v
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a line per missing torchvision op and warns per constant; hide that."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _reference_kernels():
+    """Plain-torch kernels while tracing (the fused ones are opaque to the exporter)."""
+    use_reference = getattr(kernels, "use_reference", None)
+    return use_reference() if use_reference is not None else contextlib.nullcontext()
+
+
+def trace_to_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: tuple[str, ...],
+                  opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    """torch.export the module on `inputs` (names = forward's argument names) → ONNX at `opset`."""
+    batch = torch.export.Dim("batch", min=1, max=4096) if dynamic_batch else None
+    dynamic_shapes = {name: ({0: batch} if batch is not None and name != "step" else None)
+                      for name in inputs}
+    with _reference_kernels(), _quiet_exporter(), torch.no_grad():
+        program = torch.export.export(module, (), kwargs=inputs, dynamic_shapes=dynamic_shapes)
+        program = program.run_decompositions(
+            {torch.ops.aten.scaled_dot_product_attention.default: _attention_math})
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
+                                         input_names=list(inputs), output_names=list(output_names),
+                                         verbose=False)
+    return onnx_program.model_proto
+
+
+def eps_graph(unet: UNet, dtype: torch.dtype, batch: int | None, opset: int) -> onnx.ModelProto:
+    """The ε-model; batch None = dynamic."""
+    cfg = unet.config
+    inputs = example_inputs("eps", (cfg.in_channels, cfg.image_size, cfg.image_size),
+                            batch or TRACE_BATCH, dtype)
+    return trace_to_onnx(unet, inputs, EPS_OUTPUTS, opset, batch is None)
+
+
+def step_graph(unet: UNet, table: SamplerTable, dtype: torch.dtype, batch: int | None,
+               opset: int) -> onnx.ModelProto:
+    """One reverse step of `table` around the ε-model; batch None = dynamic."""
+    cfg = unet.config
+    module = StepGraph(unet, table).eval()
+    inputs = example_inputs("step", (cfg.in_channels, cfg.image_size, cfg.image_size),
+                            batch or TRACE_BATCH, dtype, table.num_steps, table.uses_x0_prev)
+    return trace_to_onnx(module, inputs, STEP_OUTPUTS, opset, batch is None)

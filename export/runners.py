@@ -1,0 +1,147 @@
+"""Runners over exported graphs: name-based I/O on torch tensors, one interface for every engine.
+
+`runner(**inputs) -> {output name: tensor}` with inputs named as in onnx_graphs (x, t / x, step,
+noise[, x0_prev]); every output has the shape of `x`. `OrtRunner` runs ONNX Runtime (plain run
+on the CPU, IOBinding on torch buffers on CUDA); `tensorrt.TensorRTRunner` is the same contract
+over a TensorRT engine. `make_export_denoiser` turns either into a `denoise(x, t)` backend.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastddpm.errors import UserError
+from fastddpm.model import DiffusionModel
+
+ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
+              "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64}
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("ONNX Runtime is not installed; pip install 'fastddpm[onnx]' "
+                        "(or 'fastddpm[onnx-gpu]' on a machine with an NVIDIA GPU)") from None
+    return onnxruntime
+
+
+def check_batch(batch: int, low: int, high: int, artifact: str) -> None:
+    """One line when a batch falls outside what an artifact was built for."""
+    if not low <= batch <= high:
+        allowed = f"batch {low}" if low == high else f"batches {low}..{high}"
+        raise UserError(f"{artifact} was built for {allowed}, got {batch}; re-export it with "
+                        f"--batch {batch} (or --batch dynamic)")
+
+
+def _session_error(error: Exception, path: Path, provider: str) -> UserError:
+    text = str(error)
+    missing = re.search(r"Could not find an implementation for (\S+) node", text)
+    if missing:
+        return UserError(f"ONNX Runtime's {provider} has no kernel for {missing.group(1)} in the "
+                         f"dtype of {path.name}; run fp16/bf16 graphs where they have kernels "
+                         "(a GPU with onnxruntime-gpu, or TensorRT) or export --dtype fp32")
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(error).__name__
+    return UserError(f"ONNX Runtime cannot load {path}: {first}")
+
+
+class OrtRunner:
+    """An ONNX Runtime session with name-based I/O on torch tensors."""
+
+    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu"),
+                 threads: int | None = None):
+        ort = import_onnxruntime()
+        self.path, self.device = Path(path), device
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only; failures surface as exceptions below
+        if threads:
+            options.intra_op_num_threads = threads
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError("this ONNX Runtime has no CUDA execution provider; "
+                                "pip install onnxruntime-gpu (instead of onnxruntime)")
+            # ORT launches on our own non-default stream; __call__ orders it after torch's
+            self._stream = torch.cuda.Stream(device)
+            providers = [("CUDAExecutionProvider", {
+                "device_id": device.index or 0,
+                "user_compute_stream": str(self._stream.cuda_stream)})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as e:  # ORT raises its own pybind types; sort them into one line
+            raise _session_error(e, self.path, provider) from None
+        self.provider = self.session.get_providers()[0]
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_dtypes = {o.name: ORT_DTYPES[o.type] for o in self.session.get_outputs()}
+        batch_dim = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = inputs["x"].shape[0]
+        if self.fixed_batch is not None:
+            check_batch(batch, self.fixed_batch, self.fixed_batch, self.path.name)
+        if self.device.type == "cuda":
+            return self._run_bound(inputs)
+        feeds = {name: inputs[name].detach().cpu().contiguous().numpy() for name in self.input_names}
+        outs = self.session.run(self.output_names, feeds)
+        return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outs)}
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """IOBinding: ORT reads and writes the torch buffers in place, no host copies."""
+        if torch.cuda.is_current_stream_capturing():
+            raise UserError("the onnxruntime backend cannot run inside the sampler's CUDA graph; "
+                            "pass --no-cuda-graph (cuda_graph=False)")
+        index = self.device.index or 0
+        binding = self.session.io_binding()
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        held = []
+        for name in self.input_names:
+            t = inputs[name].contiguous()
+            held.append(t)
+            binding.bind_input(name, "cuda", index, NUMPY_DTYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        outs = {}
+        for name in self.output_names:
+            out = torch.empty(inputs["x"].shape, dtype=self.output_dtypes[name], device=self.device)
+            binding.bind_output(name, "cuda", index, NUMPY_DTYPES[out.dtype], tuple(out.shape),
+                                out.data_ptr())
+            outs[name] = out
+        self.session.run_with_iobinding(binding)  # synchronises ORT's stream before returning
+        current.wait_stream(self._stream)
+        return outs
+
+
+def make_export_denoiser(model: DiffusionModel, backend: str, device: torch.device,
+                         dtype: torch.dtype):
+    """`denoise(x, t)` over the model's ε graph, exported now into a temp folder and validated."""
+    from fastddpm.runtime import DTYPES
+
+    from .onnx import OnnxOptions, export_onnx
+
+    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    workdir = tempfile.TemporaryDirectory(prefix="fastddpm-")
+    onnx_path = Path(workdir.name) / "eps.onnx"
+    export_onnx(model, onnx_path, OnnxOptions(dtype=dtype_name, what="eps"), log=None)
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTRunner, build_engine
+
+        plan = Path(workdir.name) / "eps.plan"
+        build_engine(onnx_path, plan, batch_range=(1, 256))
+        runner = TensorRTRunner(plan, device)
+    else:
+        runner = OrtRunner(onnx_path, device)
+
+    @torch.inference_mode()
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return runner(x=x, t=t)["eps"].to(x.device)
+
+    denoise.workdir = workdir  # the artifacts live as long as the denoiser
+    return denoise

@@ -1,0 +1,63 @@
+"""The host side of the step graph: the whole sampler is `for step: x, x0 = graph(x, step, z)`.
+
+This is the Python twin of export/cpp/main.cpp, and the contract between them:
+
+- noise file: raw little-endian float32, (S + 1, N, C, H, W) — x_T first, then the z of each of
+  the S steps (the graph multiplies z by σ of the step; σ = 0 at the last step);
+- x0_prev, for samplers that use it (DPM-Solver++(2M)), starts at zero and is the x0 output of
+  the previous step.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from fastddpm.errors import UserError
+from fastddpm.files import atomic_write
+
+from .onnx import METADATA_KEY
+
+
+def step_graph_info(path: str | Path) -> dict:
+    """The fastddpm metadata of a step graph (without loading its weights)."""
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get(f"{METADATA_KEY}.graph") != "step":
+        raise UserError(f"{path} is not a fastddpm step graph; export one with --what step")
+    return json.loads(props[METADATA_KEY])
+
+
+def noise_shape(info: dict, count: int) -> tuple[int, ...]:
+    unet = info["unet"]
+    return (info["sampler"]["num_steps"] + 1, count, unet["in_channels"], unet["image_size"],
+            unet["image_size"])
+
+
+def write_noise_file(path: str | Path, noise: torch.Tensor) -> None:
+    with atomic_write(path) as tmp:
+        noise.detach().cpu().to(torch.float32).contiguous().numpy().astype("<f4").tofile(tmp)
+
+
+def read_noise_file(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
+    data = np.fromfile(path, dtype="<f4")
+    if data.size != int(np.prod(shape)):
+        raise UserError(f"{path} holds {data.size} floats; this graph and count need "
+                        f"{int(np.prod(shape))} = {' x '.join(map(str, shape))}")
+    return torch.from_numpy(data.reshape(shape))
+
+
+def sample_with_step_graph(runner, noise: torch.Tensor, uses_x0_prev: bool) -> torch.Tensor:
+    """x_0 (N, C, H, W) from x_T = noise[0] and step noise noise[1:], with a step-graph runner."""
+    x = noise[0]
+    x0_prev = torch.zeros_like(x)
+    for step in range(noise.shape[0] - 1):
+        inputs = {"x": x, "step": torch.tensor([step]), "noise": noise[step + 1]}
+        if uses_x0_prev:
+            inputs["x0_prev"] = x0_prev
+        out = runner(**inputs)
+        x, x0_prev = out["x_prev"], out["x0"]
+    return x
