@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
                    help="fixed batch size, or 'dynamic' (default)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"TensorRT: largest batch of a dynamic engine's profile (default {DEFAULT_MAX_BATCH})")
+                   help="TensorRT: largest batch of a dynamic engine's profile "
+                        f"(default {DEFAULT_MAX_BATCH})")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default 21, 22 for bf16; below 21 GroupNorm is decomposed)")
     p.add_argument("--what", default="eps", choices=GRAPHS,

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-import torch
 
 from fastddpm.errors import UserError
 from fastddpm.files import check_writable_target
@@ -25,7 +25,7 @@ from fastddpm.model import DiffusionModel
 from fastddpm.runtime import DTYPES
 
 from . import onnx_graphs as graphs
-from .validate import validate
+from .validate import validate, validation_device
 
 GRAPHS = ("eps", "step", "both")
 METADATA_KEY = "fastddpm"
@@ -102,7 +102,8 @@ def read_metadata(model: onnx.ModelProto) -> dict:
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+    return sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer)
 
 
 def write_validated(model: onnx.ModelProto, path: Path, check: Callable[[Path], None],
@@ -111,7 +112,8 @@ def write_validated(model: onnx.ModelProto, path: Path, check: Callable[[Path], 
 
     The files are staged in a temp folder beside `path` under their final names, so the sidecar
     reference inside the model is already right; then renamed, sidecar first. Returns whether
-    external data was written."""
+    external data was written. Saving moves large weights of `model` out to the sidecar: pass a
+    proto you are done with."""
     path = check_writable_target(path)
     try:
         stage = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -122,7 +124,7 @@ def write_validated(model: onnx.ModelProto, path: Path, check: Callable[[Path], 
     try:
         staged = stage / path.name
         try:
-            onnx.save_model(model, staged, save_as_external_data=external,
+            onnx.save_model(model, str(staged), save_as_external_data=external,
                             all_tensors_to_one_file=True, location=sidecar, size_threshold=1024)
         except OSError as e:
             raise UserError(f"cannot write {path}: {e.strerror}; choose another path") from None
@@ -153,6 +155,8 @@ def export_onnx(model: DiffusionModel, out: str | os.PathLike, options: OnnxOpti
     paths = output_paths(out, options.what)
     for path in paths.values():  # fail before the slow trace, not after
         check_writable_target(path)
+    if validate_with_ort:
+        validation_device(options.dtype)
     table = model.table(options.sampler, options.steps, options.eta, options.spacing, options.clip)
     reference = _cast(model, "fp32")  # validation compares against the fp32 model on the CPU
     lowered = _cast(model, options.dtype)
@@ -166,7 +170,7 @@ def export_onnx(model: DiffusionModel, out: str | os.PathLike, options: OnnxOpti
         onnx.helper.set_model_props(proto, metadata(model, graph, options, opset, graph_table))
         proto.producer_name = "fastddpm"
 
-        def check(staged: Path, graph=graph, graph_table=graph_table) -> None:
+        def check(staged: Path, graph=graph, graph_table=graph_table, path=path) -> None:
             if not validate_with_ort:
                 return
             report = validate(staged, reference.unet, graph, options.dtype, options.batch, graph_table)

@@ -92,19 +92,14 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _reference_kernels():
-    """Plain-torch kernels while tracing (the fused ones are opaque to the exporter)."""
-    use_reference = getattr(kernels, "use_reference", None)
-    return use_reference() if use_reference is not None else contextlib.nullcontext()
-
-
 def trace_to_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: tuple[str, ...],
                   opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     """torch.export the module on `inputs` (names = forward's argument names) → ONNX at `opset`."""
     batch = torch.export.Dim("batch", min=1, max=4096) if dynamic_batch else None
     dynamic_shapes = {name: ({0: batch} if batch is not None and name != "step" else None)
                       for name in inputs}
-    with _reference_kernels(), _quiet_exporter(), torch.no_grad():
+    # plain-torch kernels while tracing: the fused ones are custom ops the exporter can't see into
+    with kernels.use_reference(), _quiet_exporter(), torch.no_grad():
         program = torch.export.export(module, (), kwargs=inputs, dynamic_shapes=dynamic_shapes)
         program = program.run_decompositions(
             {torch.ops.aten.scaled_dot_product_attention.default: _attention_math})

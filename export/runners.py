@@ -53,9 +53,10 @@ def _session_error(error: Exception, path: Path, provider: str) -> UserError:
 class OrtRunner:
     """An ONNX Runtime session with name-based I/O on torch tensors."""
 
-    def __init__(self, path: str | Path, device: torch.device = torch.device("cpu"),
+    def __init__(self, path: str | Path, device: torch.device | None = None,
                  threads: int | None = None):
         ort = import_onnxruntime()
+        device = device if device is not None else torch.device("cpu")
         self.path, self.device = Path(path), device
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only; failures surface as exceptions below
@@ -92,7 +93,7 @@ class OrtRunner:
             return self._run_bound(inputs)
         feeds = {name: inputs[name].detach().cpu().contiguous().numpy() for name in self.input_names}
         outs = self.session.run(self.output_names, feeds)
-        return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outs)}
+        return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outs, strict=True)}
 
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """IOBinding: ORT reads and writes the torch buffers in place, no host copies."""

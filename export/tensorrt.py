@@ -159,7 +159,7 @@ def export_tensorrt(model: DiffusionModel, out: str | os.PathLike, options: Onnx
                 runner = TensorRTRunner(staged, device)
                 reference = copy.deepcopy(model.unet).to("cpu", torch.float32).eval()
 
-                def run(**inputs):
+                def run(runner=runner, **inputs):
                     return {k: v.cpu() for k, v in runner(**inputs).items()}
 
                 # a dynamic engine is checked inside its profile, at a batch it was not traced at

@@ -62,22 +62,35 @@ def compare(run, unet: UNet, graph: str, dtype: str, batch: int | None,
             want = reference(**{k: (v.float() if v.is_floating_point() else v)
                                 for k, v in inputs.items()})
         step_tol = tol * (1.0 + float(c_e[step]))
-        for name, w in zip(("x_prev", "x0"), want):
+        for name, w in zip(("x_prev", "x0"), want, strict=True):
             abs_err, err = graph_error(got[name], w)
             if not err / step_tol <= worst[1] / worst[2]:  # NaN counts as worst
                 worst = (abs_err, err, step_tol)
     return worst
 
 
+def validation_device(dtype: str) -> torch.device:
+    """Where ONNX Runtime validates: CUDA when both torch and ORT have it, else the CPU — which
+    has no bfloat16 kernels (Gemm, Conv), so a bf16 export is refused there before the trace."""
+    from .runners import import_onnxruntime
+
+    ort = import_onnxruntime()
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        return torch.device("cuda")
+    if dtype == "bf16":
+        raise UserError("ONNX Runtime's CPUExecutionProvider has no bf16 kernels (Gemm, Conv), so a "
+                        "bf16 export cannot be validated here; export bf16 on a GPU machine with "
+                        "onnxruntime-gpu, or use --dtype fp16 / fp32")
+    return torch.device("cpu")
+
+
 def validate(path: Path, unet: UNet, graph: str, dtype: str, batch: int | None,
              table: SamplerTable | None = None) -> str:
     """Run the ONNX file at `path` with ONNX Runtime (CUDA EP if usable, else CPU) against the
     fp32 `unet`; UserError above tolerance, else a one-line report."""
-    from .runners import OrtRunner, import_onnxruntime
+    from .runners import OrtRunner
 
-    ort = import_onnxruntime()
-    use_cuda = torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = validation_device(dtype)
     runner = OrtRunner(path, device)
 
     def run(**inputs):

@@ -1,0 +1,119 @@
+"""The C++ sampler (export/cpp) against the Python loop over the same step graph and noise.
+
+Needs cmake, a C++17 compiler and ONNX Runtime headers: ONNXRUNTIME_ROOT, or build/onnxruntime
+as export/cpp/get_onnxruntime.sh lays it out (CI runs that script first)."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastddpm.export.onnx import OnnxOptions, export_onnx
+from fastddpm.export.runners import OrtRunner
+from fastddpm.export.step_loop import (
+    noise_shape,
+    read_noise_file,
+    sample_with_step_graph,
+    step_graph_info,
+    write_noise_file,
+)
+
+from fastddpm.images import grid
+from fastddpm.model import DiffusionModel
+from fastddpm.schedule import ScheduleConfig
+from fastddpm.unet import UNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ORT_ROOT = Path(os.environ.get("ONNXRUNTIME_ROOT", REPO / "build" / "onnxruntime"))
+TINY = UNetConfig(image_size=8, in_channels=3, out_channels=3, base_channels=16, channel_mult=(1, 2),
+                  num_res_blocks=1, attn_resolutions=(4,), groups=4, dropout=0.0)
+COUNT = 5
+
+
+def _missing() -> str | None:
+    for tool in ("cmake", "g++"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not (ORT_ROOT / "include" / "onnxruntime_cxx_api.h").is_file():
+        return f"no ONNX Runtime headers in {ORT_ROOT}; run export/cpp/get_onnxruntime.sh"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+
+
+@pytest.fixture(scope="module")
+def sampler_exe(tmp_path_factory):
+    build = tmp_path_factory.mktemp("cpp-build")
+    for cmd in (["cmake", "-S", str(REPO / "export" / "cpp"), "-B", str(build),
+                 f"-DONNXRUNTIME_ROOT={ORT_ROOT}"],
+                ["cmake", "--build", str(build), "-j", "2"]):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return build / "fastddpm_sample"
+
+
+@pytest.fixture(scope="module")
+def step_graph(tmp_path_factory):
+    """DDPM (σ > 0 on every step but the last), dynamic batch, 8 steps."""
+    torch.manual_seed(0)
+    model = DiffusionModel.create(TINY, ScheduleConfig("linear", 40))
+    path = tmp_path_factory.mktemp("graph") / "step.onnx"
+    export_onnx(model, path, OnnxOptions(what="step", sampler="ddpm", steps=8), log=None)
+    return path
+
+
+def _run(exe, *argv):
+    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True)
+
+
+def _read_pnm(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    magic, dims, maxval, pixels = data.split(b"\n", 3)
+    width, height = map(int, dims.split())
+    assert maxval == b"255"
+    channels = 3 if magic == b"P6" else 1
+    return np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
+
+
+def test_cpp_loop_matches_python_loop_on_the_same_noise(sampler_exe, step_graph, tmp_path):
+    info = step_graph_info(step_graph)
+    shape = noise_shape(info, COUNT)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    write_noise_file(tmp_path / "noise.f32", noise)
+    assert torch.equal(read_noise_file(tmp_path / "noise.f32", shape), noise)
+
+    done = _run(sampler_exe, "--model", step_graph, "--count", COUNT, "--noise", tmp_path / "noise.f32",
+                "--threads", 1, "--out", tmp_path / "grid.ppm", "--raw-out", tmp_path / "x.f32")
+    assert done.returncode == 0, done.stderr
+    cpp = torch.from_numpy(np.fromfile(tmp_path / "x.f32", dtype="<f4").reshape(COUNT, 3, 8, 8))
+    python = sample_with_step_graph(OrtRunner(step_graph, threads=1), noise, uses_x0_prev=False)
+    assert (cpp - python).abs().max() < 1e-4
+    assert python.std() > 0.1  # real images, not a constant
+    # the grid is the one fastddpm.images draws (a pixel may round the other way at .5)
+    want = np.asarray(grid(python))
+    got = _read_pnm(tmp_path / "grid.ppm")
+    assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_cpp_seeded_noise_is_deterministic(sampler_exe, step_graph, tmp_path):
+    outs = []
+    for seed in (1, 1, 2):
+        raw = tmp_path / f"x{len(outs)}.f32"
+        done = _run(sampler_exe, "--model", step_graph, "--count", 2, "--seed", seed,
+                    "--out", tmp_path / "g.ppm", "--raw-out", raw)
+        assert done.returncode == 0, done.stderr
+        outs.append(np.fromfile(raw, dtype="<f4"))
+    assert np.array_equal(outs[0], outs[1]) and np.abs(outs[0] - outs[2]).max() > 1e-2
+
+
+def test_cpp_bad_input_is_one_line(sampler_exe, step_graph, tmp_path):
+    (tmp_path / "short.f32").write_bytes(b"\0" * 64)
+    done = _run(sampler_exe, "--model", step_graph, "--count", 2, "--noise", tmp_path / "short.f32",
+                "--out", tmp_path / "g.ppm")
+    assert done.returncode == 2 and "holds 16 floats" in done.stderr
+    done = _run(sampler_exe, "--model", tmp_path / "short.f32", "--out", tmp_path / "g.ppm")
+    assert done.returncode == 2 and done.stderr.startswith("fastddpm_sample: error:")
+    assert not (tmp_path / "g.ppm").exists()
