@@ -9,11 +9,11 @@ import importlib
 
 import pytest
 import torch
+from fastddpm.kernels import dispatch
 from kernel_checks import DEVICES, assert_close, dtypes_for, needs_triton, poisoned
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fastddpm import kernels
-from fastddpm.kernels import dispatch
 
 gn = importlib.import_module("fastddpm.kernels.group_norm_silu")  # the module, not the function
 
@@ -161,7 +161,7 @@ def test_training_differentiates_through_the_reference(monkeypatch, fused_cpu):
     kernels.group_norm_silu(leaves[0], leaves[1], leaves[2], 4, 1e-6, leaves[3]).backward(grad_out)
     gn.group_norm_silu_reference(leaves64[0], leaves64[1], leaves64[2], 4, 1e-6,
                                  leaves64[3]).backward(grad_out.double())
-    for got, want in zip(leaves, leaves64):
+    for got, want in zip(leaves, leaves64, strict=True):
         assert_close(got.grad, want.grad.float(), atol=1e-4, rtol=1e-4)
 
 

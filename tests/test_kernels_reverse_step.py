@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
+from fastddpm.kernels import dispatch, noise
 from kernel_checks import DEVICES, assert_close, dtypes_for, needs_triton, poisoned
 
 from fastddpm import kernels
-from fastddpm.kernels import dispatch, noise
 from fastddpm.samplers import ddim_table, ddpm_table, dpmpp_2m_table
 from fastddpm.schedule import Schedule, ScheduleConfig
 
