@@ -21,6 +21,7 @@ import torch
 from .checkpoint import load
 from .data import digits
 from .errors import UserError
+from .images import check_output, save
 from .runtime import sample
 from .samplers import SAMPLERS
 
@@ -94,6 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.grid:
+        check_output(args.grid)  # before minutes of sampling, not after
     model = load(args.model)
     cfg = model.config
     if cfg.in_channels != 1:
@@ -104,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
                device=args.device, batch_size=args.batch_size, progress=True)
     seconds = time.perf_counter() - start
     if args.grid:
-        from .images import save
-
         save(x[:100], args.grid)
     result = {"model": args.model, "sampler": args.sampler,
               "steps": args.steps or model.schedule.num_timesteps, "seed": args.seed,

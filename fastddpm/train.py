@@ -114,10 +114,20 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(f"--grad-clip must be positive, got {cfg.grad_clip}")
     if cfg.precision not in PRECISIONS:
         raise UserError(f"unknown precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if cfg.config:
+        named_config(cfg.config)  # an unknown name fails before the run folder is made
 
 
-def _prepare_out(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out)
+def _check_run_folder(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a run, or to resume nothing (reads only: nothing is written yet)."""
+    if (out / "state.pt").exists() and not resume:
+        raise UserError(f"{out} already holds a training run; pass --resume to continue it "
+                        "or choose another --out")
+    if resume and not (out / "state.pt").exists():
+        raise UserError(f"nothing to resume: {out / 'state.pt'} does not exist")
+
+
+def _make_run_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
@@ -125,12 +135,8 @@ def _prepare_out(cfg: TrainConfig) -> Path:
         raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"output folder {out} is not writable; choose another --out")
-    if (out / "state.pt").exists() and not cfg.resume:
-        raise UserError(f"{out} already holds a training run; pass --resume to continue it "
-                        "or choose another --out")
-    if cfg.resume and not (out / "state.pt").exists():
-        raise UserError(f"nothing to resume: {out / 'state.pt'} does not exist")
-    return out
+    for stale in out.glob(".*.pt.*.tmp"):  # temp files of a run killed mid-save
+        stale.unlink(missing_ok=True)
 
 
 def _load_state(path: Path) -> dict:
@@ -158,18 +164,19 @@ class Trainer:
         self.device = device
         if cfg.precision == "fp16" and device.type != "cuda":
             raise UserError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
-        self.out = _prepare_out(cfg) if self.dist.main else Path(cfg.out)
-        if self.dist.world > 1:
-            dist.barrier()  # rank 0 has checked and created the folder
+        # every check that can fail runs before anything is written
+        self.out = Path(cfg.out)
+        _check_run_folder(self.out, cfg.resume)
         resumed = _load_state(self.out / "state.pt") if cfg.resume else None
         unet_cfg = _unet_config(cfg, resumed["unet"] if resumed else None)
         schedule_cfg = ScheduleConfig.from_dict(resumed["schedule"] if resumed else cfg.schedule)
         self.schedule = Schedule(schedule_cfg)
         self.sampling = SamplingDefaults(cfg.variance, True)
 
-        torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank initial state and dropout
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (so the same EMA)
         self.unet = UNet(unet_cfg).to(device)
         self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        torch.manual_seed(cfg.seed + self.dist.rank)  # per-rank dropout
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + self.dist.rank)
@@ -181,6 +188,10 @@ class Trainer:
         if len(ds.train) < cfg.batch_size:
             raise UserError(f"{cfg.data} has {len(ds.train)} training images, fewer than one batch "
                             f"of {cfg.batch_size}; lower --batch-size")
+        if self.dist.main:
+            _make_run_folder(self.out)
+        if self.dist.world > 1:
+            dist.barrier()  # rank 0 has created the folder
         self.train_images = ds.train.to(device)
         self.model = self.unet
         if self.dist.world > 1:
@@ -195,6 +206,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         rng = state["rng"]
+        if len(rng["data"]) != self.dist.world:  # each rank continues its own random stream
+            raise UserError(f"{self.out} was trained with {len(rng['data'])} process(es); resume it "
+                            f"with the same number, not {self.dist.world}")
         self.gen.set_state(rng["data"][self.dist.rank])
         torch.set_rng_state(rng["torch"][self.dist.rank])
         if self.device.type == "cuda" and rng.get("cuda"):
@@ -238,18 +252,13 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
         return self.schedule.q_sample(x0, t, noise), t, noise
 
-    def train_step(self) -> float:
+    def train_step(self) -> torch.Tensor:
+        """One step of Algorithm 1; returns the loss as a device scalar (no host sync here)."""
         cfg = self.cfg
         x_t, t, noise = self._batch()
         dtype = PRECISIONS[cfg.precision]
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = F.mse_loss(self.model(x_t, t).float(), noise)  # L_simple (eq. 14)
-        finite = torch.isfinite(loss.detach()).float()
-        if self.dist.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            raise UserError(f"loss became {loss.item()} at step {self.step}; stopped, the last good "
-                            f"checkpoint in {self.out} is kept — lower --lr")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
@@ -263,6 +272,18 @@ class Trainer:
             for e, p in zip(self.ema.parameters(), self.unet.parameters(), strict=True):
                 e.lerp_(p, 1.0 - decay)
         self.step += 1
+        return loss.detach()
+
+    def checked_loss(self, loss: torch.Tensor) -> float:
+        """The loss as a float, or stop if it is not finite on any rank. Called only at log and
+        save steps: a NaN spreads into every weight through the update, so the next check sees it,
+        and the training loop needs no host sync per step."""
+        finite = torch.isfinite(loss).float()
+        if self.dist.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise UserError(f"loss became {loss.item()} by step {self.step}; stopped, the last good "
+                            f"checkpoint in {self.out} is kept — lower --lr")
         return loss.item()
 
     def sample_grid(self) -> None:
@@ -286,14 +307,19 @@ class Trainer:
             while self.step < cfg.steps:
                 loss = self.train_step()
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                last = self.step == cfg.steps
+                log_now = self.step % cfg.log_every == 0 or last
+                save_now = self.step % cfg.save_every == 0 or last
+                if log_now or save_now:
+                    value = self.checked_loss(loss)  # never save or log past a NaN
+                if log_now:
+                    bar.set_postfix(loss=f"{value:.4f}")
                     if log:
                         rate = (self.step - start_step) / (time.perf_counter() - start)
-                        log.write(json.dumps({"step": self.step, "loss": loss, "it_per_s": rate,
+                        log.write(json.dumps({"step": self.step, "loss": value, "it_per_s": rate,
                                               "lr": self.opt.param_groups[0]["lr"]}) + "\n")
                         log.flush()
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                if save_now:
                     self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.dist.main:
                     self.sample_grid()

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -55,30 +54,55 @@ def test_resume_continues_exactly(tmp_path, unet_json):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
 
 
-def test_killed_during_saves_leaves_loadable_checkpoints(tmp_path, unet_json):
-    """SIGKILL a run that saves every step, several times at varying moments, resuming each time:
-    whatever moment the kill lands in, model.pt and state.pt stay loadable."""
+# Runs `fastddpm train` with torch.save wrapped: at the n-th write of `target`'s temp file the
+# process truncates what it wrote to half and SIGKILLs itself, i.e. dies in the middle of a save.
+DIE_DURING_SAVE = """
+import os, signal, sys, torch
+from fastddpm.cli import main
+target, nth = sys.argv[1], int(sys.argv[2])
+real_save, writes = torch.save, []
+def save_then_die(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if os.path.basename(str(f)).startswith("." + target + "."):
+        writes.append(f)
+        if len(writes) == nth:
+            os.truncate(f, os.path.getsize(f) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save_then_die
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("target", ["state.pt", "model.pt"])
+def test_killed_during_a_save_keeps_the_last_checkpoint_and_resumes_exactly(tmp_path, unet_json, target):
+    """Killed while writing the 2nd checkpoint (step 6): the files from step 3 are intact and
+    loadable, and a resume from them ends with the same weights as an uninterrupted run."""
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "fastddpm", "train", "--out", str(out), "--unet-json", unet_json,
-            "--steps", "100000", "--batch-size", "4", "--save-every", "1", "--sample-every", "0",
+    argv = ["train", "--data", "digits", "--out", str(out), "--unet-json", unet_json,
+            "--steps", "9", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
+            "--ema-decay", "0.9", "--save-every", "3", "--sample-every", "0", "--seed", "3",
             "--device", "cpu"]
-    for attempt in range(4):
-        proc = subprocess.Popen(args + (["--resume"] if attempt else []), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 60
-        while not (out / "state.pt").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0 + 0.37 * attempt)  # land the kill at a different point of the loop
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        state = _states(out)
-        assert state["step"] >= 1
-        model = checkpoint.load(out / "model.pt")
-        assert all(torch.isfinite(p).all() for p in model.unet.parameters())
+    proc = subprocess.run([sys.executable, "-c", DIE_DURING_SAVE, target, "2", *argv],
+                          capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert list(out.glob(".*.tmp")), "the kill should have left a half-written temp file"
+    state = _states(out)
+    assert state["step"] == (6 if target == "model.pt" else 3)  # state.pt is written first
+    model = checkpoint.load(out / "model.pt")  # step 3's EMA either way
+    assert all(torch.isfinite(p).all() for p in model.unet.parameters())
+
+    assert main(argv + ["--resume"]) == 0
+    assert not list(out.glob(".*.tmp"))  # the stale temp file is cleared on resume
+    straight = [a if a != str(out) else str(tmp_path / "straight") for a in argv]
+    assert main(straight) == 0
+    a, b = _states(tmp_path / "straight"), _states(out)
+    assert a["step"] == b["step"] == 9
+    for key, value in a["ema_state"].items():
+        assert torch.equal(value, b["ema_state"][key]), key
 
 
 @pytest.mark.slow
-def test_distributed_training_on_gloo(tmp_path, unet_json):
+def test_distributed_training_on_gloo(tmp_path, unet_json, capsys):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -95,6 +119,8 @@ def test_distributed_training_on_gloo(tmp_path, unet_json):
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]  # rank 0 alone logs
     model = checkpoint.load(out / "model.pt")
     assert all(torch.isfinite(p).all() for p in model.unet.parameters())
+    code, err = _cli(capsys, "--out", str(out), "--steps", "6", "--resume", "--device", "cpu")
+    assert code == 2 and "with the same number" in err  # one process cannot continue two streams
 
 
 def _cli(capsys, *argv):
@@ -118,6 +144,8 @@ def test_bad_input(tmp_path, unet_json, capsys):
         argv = [a for a in base if not (a in ("--unet-json", unet_json) and "--config" in args)] + args
         code, err = _cli(capsys, *argv)
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+        out = args[args.index("--out") + 1]
+        assert not os.path.exists(out), f"{args}: refused input must write nothing"
 
 
 def test_existing_run_and_other_architecture_are_refused(tmp_path, unet_json, capsys):
