@@ -70,7 +70,12 @@ def _from_uint8(arr: np.ndarray, size: int, channels: int, where: str) -> torch.
     if arr.shape[-1] != channels:
         raise UserError(f"{where}: images have {arr.shape[-1]} channels, the model wants {channels}")
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
-    x = x / 255.0 if arr.dtype == np.uint8 else (x + 1) / 2 if x.min() < 0 else x
+    if arr.dtype == np.uint8:
+        x = x / 255.0
+    elif not torch.isfinite(x).all() or x.min() < -1 or x.max() > 1:
+        raise UserError(f"{where}: float images must lie in [0, 1] or [−1, 1] (or be uint8 0..255)")
+    elif x.min() < 0:
+        x = (x + 1) / 2
     return _resize(x, size) * 2 - 1
 
 

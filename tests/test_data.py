@@ -39,6 +39,14 @@ def test_npz(tmp_path):
     assert all(any(torch.allclose(x, y, atol=1e-6) for y in expected) for x in everything)
 
 
+def test_npz_floats_in_either_range(tmp_path):
+    arr = np.random.default_rng(0).random((6, 8, 8)).astype(np.float32)  # [0, 1]
+    np.savez(tmp_path / "unit.npz", images=arr)
+    np.savez(tmp_path / "signed.npz", images=arr * 2 - 1)
+    a, b = data.load(str(tmp_path / "unit.npz"), 8, 1), data.load(str(tmp_path / "signed.npz"), 8, 1)
+    assert torch.allclose(a.train, b.train, atol=1e-6) and a.train.min() >= -1
+
+
 def test_cifar_batches(tmp_path):
     import pickle
 
@@ -79,6 +87,9 @@ def test_bad_data(tmp_path):
     np.savez(tmp_path / "rgb.npz", images=np.zeros((4, 8, 8, 3), dtype=np.uint8))
     with pytest.raises(UserError, match="3 channels, the model wants 1"):
         data.load(str(tmp_path / "rgb.npz"), 8, 1)
+    np.savez(tmp_path / "float255.npz", images=np.full((4, 8, 8), 200.0))  # 0..255 as floats
+    with pytest.raises(UserError, match=r"must lie in \[0, 1\]"):
+        data.load(str(tmp_path / "float255.npz"), 8, 1)
     np.savez(tmp_path / "two.npz", a=np.zeros((4, 8, 8)), b=np.zeros((4, 8, 8)))
     with pytest.raises(UserError, match="several arrays"):
         data.load(str(tmp_path / "two.npz"), 8, 1)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Rebuilds the bundled default model (fastddpm/assets/digits.safetensors) and its figures.
+# One process, one thread (the machines here are shared); the weights are bit-identical only
+# with the same thread count, torch build and CPU.
+#   usage: benchmarks/results/default_model/reproduce.sh [RUN_DIR]   (default: runs/digits)
+set -euo pipefail
+run_dir="${1:-runs/digits}"
+here="$(dirname "$0")"
+export OMP_NUM_THREADS=1
+
+fastddpm train --data digits --config digits --out "$run_dir" --steps 6000 --batch-size 64 \
+    --lr 4e-4 --warmup 200 --ema-decay 0.999 --save-every 500 --sample-every 2000 --seed 0
+
+# model.pt holds the EMA weights; the package ships them as safetensors (config in the metadata)
+python -c "import sys; from fastddpm import checkpoint; \
+checkpoint.save(checkpoint.load(sys.argv[1]), 'fastddpm/assets/digits.safetensors')" "$run_dir/model.pt"
+
+OMP_NUM_THREADS=2 fastddpm eval --model default --num 1000 --steps 1000 --sampler ddpm --seed 0 \
+    --grid "$here/samples.png" > "$here/eval.json"
