@@ -171,3 +171,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, unet_json, 
     model = checkpoint.load(out / "model.pt")
     assert all(torch.isfinite(p).all() for p in model.unet.parameters())
     assert _states(out)["step"] < 50
+
+
+def test_bf16_autocast_trains_samples_and_fp16_needs_a_gpu(tmp_path, unet_json, capsys):
+    Trainer(_config(tmp_path / "bf16", unet_json, steps=2, save_every=2, sample_every=2,
+                    precision="bf16")).run()
+    assert (tmp_path / "bf16" / "samples" / "step_0000002.png").stat().st_size > 0  # periodic grid
+    model = checkpoint.load(tmp_path / "bf16" / "model.pt")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.unet.parameters())
+    code, err = _cli(capsys, "--out", str(tmp_path / "fp16"), "--unet-json", unet_json,
+                     "--precision", "fp16", "--device", "cpu")
+    assert code == 2 and "needs a GPU" in err and not (tmp_path / "fp16").exists()
