@@ -157,16 +157,15 @@ def export_onnx(model: DiffusionModel, out: str | os.PathLike, options: OnnxOpti
         check_writable_target(path)
     if validate_with_ort:
         validation_device(options.dtype)
-    table = model.table(options.sampler, options.steps, options.eta, options.spacing, options.clip)
+    table = (model.table(options.sampler, options.steps, options.eta, options.spacing, options.clip)
+             if "step" in paths else None)  # sampler options only matter to the step graph
     reference = _cast(model, "fp32")  # validation compares against the fp32 model on the CPU
     lowered = _cast(model, options.dtype)
+    dtype = DTYPES[options.dtype]
     for graph, path in paths.items():
-        if graph == "eps":
-            proto = graphs.eps_graph(lowered.unet, DTYPES[options.dtype], options.batch, opset)
-            graph_table = None
-        else:
-            proto = graphs.step_graph(lowered.unet, table, DTYPES[options.dtype], options.batch, opset)
-            graph_table = table
+        graph_table = table if graph == "step" else None
+        proto = (graphs.eps_graph(lowered.unet, dtype, options.batch, opset) if graph == "eps"
+                 else graphs.step_graph(lowered.unet, table, dtype, options.batch, opset))
         onnx.helper.set_model_props(proto, metadata(model, graph, options, opset, graph_table))
         proto.producer_name = "fastddpm"
 

@@ -109,6 +109,7 @@ def test_ddim_step_graph_runs_the_sampler(model, ddim_step_onnx):
     assert (sample_with_step_graph(OrtRunner(ddim_step_onnx), other, False) - got).abs().max() > 1e-2
 
 
+@pytest.mark.slow  # one more export
 def test_dpmpp_step_graph_decomposed_with_external_data(model, tmp_path):
     out = tmp_path / "dpm.onnx"
     export_onnx(model, out, OnnxOptions(what="step", sampler="dpm++", steps=6, opset=18,
@@ -124,6 +125,7 @@ def test_dpmpp_step_graph_decomposed_with_external_data(model, tmp_path):
     assert (got - _torch_loop(model, model.table("dpm++", 6), noise, True)).abs().max() < 1e-4
 
 
+@pytest.mark.slow  # one more export
 def test_fp16_graph_keeps_group_norm_statistics_in_fp32(model, tmp_path):
     out = tmp_path / "h.onnx"
     export_onnx(model, out, OnnxOptions(dtype="fp16"), log=None)
@@ -139,6 +141,7 @@ def test_fp16_graph_keeps_group_norm_statistics_in_fp32(model, tmp_path):
     assert (OrtRunner(out)(x=x, t=t)["eps"].float() - want).abs().max() < 2e-2
 
 
+@pytest.mark.slow  # one more export
 def test_digits_config_exports(tmp_path, capsys):
     """The bundled model's architecture (attention, 3 levels, 1 channel) through the CLI."""
     torch.manual_seed(6)
@@ -149,6 +152,7 @@ def test_digits_config_exports(tmp_path, capsys):
     assert read_metadata(onnx.load(str(out)))["unet"]["image_size"] == 16
 
 
+@pytest.mark.slow  # one more export
 def test_onnxruntime_backend_matches_torch(model):
     kwargs = dict(num=3, steps=4, sampler="ddpm", seed=5, device="cpu")
     got = sample(model, backend="onnxruntime", **kwargs)
