@@ -95,7 +95,7 @@ if HAS_TRITON:
         base = n.to(tl.int64) * channels * pixels + g * channels_per_group * stride_c
         offs = base + p[:, None] * stride_p + c[None, :] * stride_c
         h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + shift[None, :]
-        count = (pixels * channels_per_group).to(tl.float32)
+        count = pixels * channels_per_group * 1.0  # not .to(): both may be constexpr 1 when compiled
         mean = tl.sum(tl.sum(tl.where(mask, h, 0.0), axis=1), axis=0) / count
         centred = tl.where(mask, h - mean, 0.0)
         var = tl.sum(tl.sum(centred * centred, axis=1), axis=0) / count
