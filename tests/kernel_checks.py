@@ -19,13 +19,13 @@ TOLERANCES = {
 }
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # "cpu": the kernels under the interpreter (CI); "cuda": compiled, on a GPU machine (`-m gpu`)
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
         not INTERPRETED, reason="kernels take CPU tensors only under TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device")]),
+    pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda]),
 ]
 
 

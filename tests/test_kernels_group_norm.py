@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 from fastddpm.kernels import dispatch
-from kernel_checks import DEVICES, assert_close, dtypes_for, needs_triton, poisoned
+from kernel_checks import DEVICES, assert_close, dtypes_for, needs_cuda, needs_triton, poisoned
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fastddpm import kernels
@@ -105,8 +105,8 @@ def test_deterministic(device, limits):
 
 
 @needs_triton
+@needs_cuda
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_256px_group_takes_the_looped_kernel(dtype):
     """A 256² model's first level: 128 channels / 32 groups × 65,536 pixels per group."""
@@ -171,3 +171,39 @@ def test_op_cpu_kernel_is_the_reference():
     got = torch.ops.fastddpm.group_norm_silu(x, weight, bias, 4, 1e-6, b_nc, True)
     want = gn.group_norm_silu_reference(x, weight, bias, 4, 1e-6, b_nc, True)
     assert torch.equal(got, want)
+
+
+# ---- on a GPU: the op eager, compiled, and inside the U-Net ------------------------------------
+
+@needs_triton
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_op_on_cuda_eager_and_compiled(dtype):
+    """Through the public function: the op's Triton body, then the same under torch.compile
+    (triton_op lets inductor trace into the kernel)."""
+    x, weight, bias, b_nc = _inputs((4, 64, 16, 16), "cuda", dtype, torch.channels_last, True)
+    want = _expected(x, weight, bias, 32, b_nc, True, dtype)
+
+    def call(x, weight, bias, b_nc):
+        return kernels.group_norm_silu(x, weight, bias, 32, 1e-6, b_nc)
+
+    with torch.inference_mode():
+        assert_close(call(x, weight, bias, b_nc), want, dtype)
+        assert_close(torch.compile(call, fullgraph=True)(x, weight, bias, b_nc), want, dtype)
+
+
+@needs_triton
+@needs_cuda
+@pytest.mark.gpu
+def test_unet_fused_equals_unet_on_references():
+    from fastddpm.unet import CONFIGS, UNet
+
+    unet = UNet(CONFIGS["digits"]).cuda().eval()
+    x = torch.randn(3, 1, 16, 16, device="cuda")
+    t = torch.tensor([0, 500, 999], device="cuda")
+    with torch.inference_mode():
+        fused = unet(x, t)
+        with kernels.use_reference():
+            reference = unet(x, t)
+    assert_close(fused, reference, atol=1e-4, rtol=1e-4)

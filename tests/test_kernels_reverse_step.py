@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from fastddpm.kernels import dispatch, noise
-from kernel_checks import DEVICES, assert_close, dtypes_for, needs_triton, poisoned
+from kernel_checks import DEVICES, assert_close, dtypes_for, needs_cuda, needs_triton, poisoned
 
 from fastddpm import kernels
 from fastddpm.samplers import ddim_table, ddpm_table, dpmpp_2m_table
@@ -249,8 +249,8 @@ def test_public_reverse_step(monkeypatch, via_op):
 
 
 @needs_triton
+@needs_cuda
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_replays_new_steps_and_seeds():
     """Captured once, the step reads its row and seed from memory at every replay."""
     shape = (3, 3, 8, 8)
