@@ -88,6 +88,7 @@ def step_noise(rng: torch.Tensor, step: torch.Tensor, batch: int,
     z = _normal(rng[0], elem, step.view(()), sample, STEP_STREAM)
     return z.view(batch, *shape)
 
+
 if HAS_TRITON:
     import triton
     import triton.language as tl  # noqa: F401  (the interpreter patches it in the helper's globals)

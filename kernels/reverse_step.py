@@ -150,7 +150,7 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
     """One reverse step with row `step` of the table and noise drawn from `rng`.
 
     x, eps, x0_prev: (B, ...) in one dtype; coef: (S, 7) float32 table; step: int64 (1,) index
-    into it; rng: int64 (2,) = (seed, global index of the batch's first sample). Both live on the
+    into it, in [0, S) (not checked: that would sync the host); rng: int64 (2,) = (seed, global index of the batch's first sample). Both live on the
     device so a CUDA graph replays them. `out` / `x0_out` (x's shape, dtype and layout) receive
     x_prev / x̂0 in place — `out` may be x and `x0_out` may be x0_prev. With return_x0=False and
     no x0_out, x̂0 is neither written nor returned (None). Returns (x_prev, x̂0)."""
