@@ -109,11 +109,15 @@ def trace_to_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_nam
     return onnx_program.model_proto
 
 
+def _trace_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)  # leaves the caller's global RNG state alone
+
+
 def eps_graph(unet: UNet, dtype: torch.dtype, batch: int | None, opset: int) -> onnx.ModelProto:
     """The ε-model; batch None = dynamic."""
     cfg = unet.config
     inputs = example_inputs("eps", (cfg.in_channels, cfg.image_size, cfg.image_size),
-                            batch or TRACE_BATCH, dtype)
+                            batch or TRACE_BATCH, dtype, generator=_trace_generator())
     return trace_to_onnx(unet, inputs, EPS_OUTPUTS, opset, batch is None)
 
 
@@ -123,5 +127,6 @@ def step_graph(unet: UNet, table: SamplerTable, dtype: torch.dtype, batch: int |
     cfg = unet.config
     module = StepGraph(unet, table).eval()
     inputs = example_inputs("step", (cfg.in_channels, cfg.image_size, cfg.image_size),
-                            batch or TRACE_BATCH, dtype, table.num_steps, table.uses_x0_prev)
+                            batch or TRACE_BATCH, dtype, table.num_steps, table.uses_x0_prev,
+                            generator=_trace_generator())
     return trace_to_onnx(module, inputs, STEP_OUTPUTS, opset, batch is None)

@@ -97,7 +97,8 @@ class TensorRTRunner:
             raise UserError("the tensorrt backend runs on an NVIDIA GPU; pass --device cuda")
         self.path, self.device = Path(plan_path), device
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(self.path.read_bytes())
+        self._runtime = trt.Runtime(self._logger)  # kept: the engine must not outlive it
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise UserError(f"{self.path} is not an engine this TensorRT can load (built by another "
                             "TensorRT version or GPU?); rebuild it with fastddpm export")
