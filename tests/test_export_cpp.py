@@ -55,14 +55,18 @@ def sampler_exe(tmp_path_factory):
     return build / "fastddpm_sample"
 
 
+def _export_step_graph(folder: Path, sampler: str) -> Path:
+    torch.manual_seed(0)
+    model = DiffusionModel.create(TINY, ScheduleConfig("linear", 40))
+    path = folder / f"{sampler}.onnx"
+    export_onnx(model, path, OnnxOptions(what="step", sampler=sampler, steps=8), log=None)
+    return path
+
+
 @pytest.fixture(scope="module")
 def step_graph(tmp_path_factory):
     """DDPM (σ > 0 on every step but the last), dynamic batch, 8 steps."""
-    torch.manual_seed(0)
-    model = DiffusionModel.create(TINY, ScheduleConfig("linear", 40))
-    path = tmp_path_factory.mktemp("graph") / "step.onnx"
-    export_onnx(model, path, OnnxOptions(what="step", sampler="ddpm", steps=8), log=None)
-    return path
+    return _export_step_graph(tmp_path_factory.mktemp("graph"), "ddpm")
 
 
 def _run(exe, *argv):
@@ -79,6 +83,17 @@ def _read_pnm(path: Path) -> np.ndarray:
 
 
 def test_cpp_loop_matches_python_loop_on_the_same_noise(sampler_exe, step_graph, tmp_path):
+    _compare_loops(sampler_exe, step_graph, tmp_path)
+
+
+@pytest.mark.slow  # one more export
+def test_cpp_loop_carries_x0_prev_for_dpmpp(sampler_exe, tmp_path):
+    graph = _export_step_graph(tmp_path, "dpm++")
+    assert step_graph_info(graph)["sampler"]["uses_x0_prev"]
+    _compare_loops(sampler_exe, graph, tmp_path)
+
+
+def _compare_loops(sampler_exe, step_graph, tmp_path):
     info = step_graph_info(step_graph)
     shape = noise_shape(info, COUNT)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(7))
@@ -89,7 +104,8 @@ def test_cpp_loop_matches_python_loop_on_the_same_noise(sampler_exe, step_graph,
                 "--threads", 1, "--out", tmp_path / "grid.ppm", "--raw-out", tmp_path / "x.f32")
     assert done.returncode == 0, done.stderr
     cpp = torch.from_numpy(np.fromfile(tmp_path / "x.f32", dtype="<f4").reshape(COUNT, 3, 8, 8))
-    python = sample_with_step_graph(OrtRunner(step_graph, threads=1), noise, uses_x0_prev=False)
+    python = sample_with_step_graph(OrtRunner(step_graph, threads=1), noise,
+                                    info["sampler"]["uses_x0_prev"])
     assert (cpp - python).abs().max() < 1e-4
     assert python.std() > 0.1  # real images, not a constant
     # the grid is the one fastddpm.images draws (a pixel may round the other way at .5)
