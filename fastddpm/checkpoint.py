@@ -84,9 +84,11 @@ def load_state(unet: torch.nn.Module, state: dict, where: str) -> None:
     unet.load_state_dict(state)
 
 
-def _read_torch(path: Path) -> tuple[dict, dict]:
+def read_torch_file(path: Path) -> object:
+    """`torch.load` with weights_only=True: plain data and tensors only, no code ever runs.
+    Every failure is one line that says what the file is not."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = re.search(r"GLOBAL ([\w.]+)", str(e))
         if refused:  # a pickle that names code to run: refused before anything ran
@@ -94,9 +96,19 @@ def _read_torch(path: Path) -> tuple[dict, dict]:
                             f"({refused.group(1)}); it is not a plain model file — do not load "
                             "files you don't trust") from None
         raise UserError(f"{path} is not a readable model file (truncated or corrupt)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    # random bytes can trip the unpickler in many ways (an empty stack, an absent memo entry)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
+            KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path} is not a readable model file (truncated or corrupt: "
                         f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+
+
+def _read_torch(path: Path) -> tuple[dict | None, dict]:
+    """(header, state dict); header None for a bare state dict (someone else's layout)."""
+    obj = read_torch_file(path)
+    if isinstance(obj, dict) and obj and "state_dict" not in obj \
+            and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return None, obj
     if not isinstance(obj, dict) or "state_dict" not in obj:
         raise UserError(f"{path} is not a fastddpm model file; convert it with `fastddpm convert`")
     state = obj.pop("state_dict")
@@ -126,20 +138,33 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 
 def load(path: str | os.PathLike = DEFAULT_NAME, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Read a model file (or `default`, the bundled digits model) onto `device`, in eval mode."""
+    """Read a model onto `device`, in eval mode: a model file, `default` (the bundled digits
+    model), a diffusers UNet2DModel / DDPM pipeline folder, or a bare state dict in the layout of
+    the original DDPM checkpoints' PyTorch port (see fastddpm.interop)."""
     if str(path) == DEFAULT_NAME:
         path = default_model_path()
         if not path.is_file():
             raise UserError("the bundled default model is missing from this install; "
                             "reinstall fastddpm or pass --model PATH")
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; pass a model file (convert folders with `fastddpm convert`)")
+    if path.is_dir():  # a diffusers model or pipeline folder
+        from .interop import load_folder
+
+        model = load_folder(path)
+    else:
+        model = _load_file(path)
+    model.unet.to(device)
+    return model
+
+
+def _load_file(path: Path) -> DiffusionModel:
     if not path.is_file():
         raise UserError(f"model file {path} not found; pass --model PATH (or 'default')")
     if not os.access(path, os.R_OK):
         raise UserError(f"cannot read model file {path}: permission denied")
     header, state = (_read_safetensors if path.suffix == ".safetensors" else _read_torch)(path)
-    model = from_parts(header, state, str(path))
-    model.unet.to(device)
-    return model
+    if header is None:  # a bare state dict, e.g. the original DDPM checkpoints' PyTorch port
+        from .interop import from_state_dict
+
+        return from_state_dict(state, str(path))
+    return from_parts(header, state, str(path))

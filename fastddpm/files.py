@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,3 +35,54 @@ def atomic_write(path: str | os.PathLike):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable_folder_target(path: str | os.PathLike, replaceable: tuple[str, ...]) -> Path:
+    """Fail early when folder `path` cannot be written. An existing folder is only replaced when
+    it holds one of the `replaceable` marker files (a model folder we may overwrite), so a typo
+    never deletes someone's data."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"output folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output folder {parent} is not writable; choose another path")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; give a folder name")
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in replaceable):
+        raise UserError(f"{path} is a folder that holds other things; choose a new folder name")
+    return path
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, replaceable: tuple[str, ...] = ()):
+    """Yield a temp folder beside `path`; it becomes `path` only if the block succeeds. A folder
+    already at `path` is moved aside first and deleted once the new one is in place (restored if
+    the swap fails), so `path` is always either the old folder or the complete new one."""
+    path = check_writable_folder_target(path, replaceable)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = None
+    try:
+        yield tmp
+        _open_like_new_files(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / path.name).exists():
+            os.replace(old / path.name, path)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _open_like_new_files(folder: Path) -> None:
+    """mkdtemp makes folders private (0700); give the result the modes a plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for item in folder.rglob("*"):
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
