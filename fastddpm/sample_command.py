@@ -13,7 +13,8 @@ from .samplers import SAMPLERS, SPACINGS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
-                   help="model file (.pt / .safetensors), or 'default' for the bundled digits model")
+                   help="model file (.pt / .safetensors), a diffusers model or pipeline folder, an "
+                        "original DDPM state dict, or 'default' for the bundled digits model")
     p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's T)")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
