@@ -3,6 +3,7 @@ and our models → diffusers folders that diffusers loads, losslessly."""
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
@@ -323,3 +324,25 @@ def test_diffusers_loads_what_we_write(tmp_path):
         ours = model.unet(x, t)
         assert _max_abs(ours, unet.eval()(x, t).sample) <= 1e-5
         assert _max_abs(ours, pipe.unet.eval()(x, t).sample) <= 1e-5
+
+
+def test_cli_samples_from_a_diffusers_folder_and_converts_default(tmp_path, monkeypatch, capsys):
+    from fastddpm import checkpoint
+    from fastddpm.cli import main
+    from fastddpm.images import to_uint8
+
+    model = _random_model()
+    save_folder(model, tmp_path / "hub")
+    code = main(["sample", "--model", str(tmp_path / "hub"), "--num", "2", "--steps", "3",
+                 "--out", str(tmp_path / "x.npz"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    # the same images as sampling the model in-process (same seed, same noise)
+    direct = to_uint8(fastddpm.sample(model, num=2, steps=3))
+    saved = np.load(tmp_path / "x.npz")
+    assert np.array_equal(next(iter(saved.values())), direct)
+
+    # `convert default` writes out whatever model `default` names
+    fastddpm.save(model, tmp_path / "bundled.safetensors")
+    monkeypatch.setattr(checkpoint, "default_model_path", lambda: tmp_path / "bundled.safetensors")
+    assert main(["convert", "default", "-o", str(tmp_path / "model.pt")]) == 0
+    _assert_same_weights(model, fastddpm.load(tmp_path / "model.pt"))
