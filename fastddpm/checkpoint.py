@@ -10,7 +10,6 @@ import os
 import pickle
 import re
 import zipfile
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -28,7 +27,9 @@ DEFAULT_ASSET = "digits.safetensors"
 
 
 def default_model_path() -> Path:
-    return Path(str(resources.files("fastddpm") / "assets" / DEFAULT_ASSET))
+    # beside this module in a wheel and in an editable install alike (importlib.resources
+    # trips over the editable finder when the folder is missing)
+    return Path(__file__).resolve().parent / "assets" / DEFAULT_ASSET
 
 
 def _header(model: DiffusionModel) -> dict:
