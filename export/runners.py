@@ -98,8 +98,8 @@ class OrtRunner:
     def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """IOBinding: ORT reads and writes the torch buffers in place, no host copies."""
         if torch.cuda.is_current_stream_capturing():
-            raise UserError("the onnxruntime backend cannot run inside the sampler's CUDA graph; "
-                            "pass --no-cuda-graph (cuda_graph=False)")
+            raise UserError("the onnxruntime backend cannot run inside a CUDA graph capture; "
+                            "call it outside one (the sampler does so by itself)")
         index = self.device.index or 0
         binding = self.session.io_binding()
         current = torch.cuda.current_stream(self.device)

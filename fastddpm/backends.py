@@ -15,6 +15,9 @@ from .model import DiffusionModel
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+# backends whose ε call can be captured inside the sampler's CUDA graph (ONNX Runtime and
+# TensorRT run on streams of their own, outside torch's capture)
+GRAPH_CAPTURABLE = ("torch", "compile")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

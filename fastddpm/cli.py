@@ -17,7 +17,8 @@ COMMANDS = {
     "eval": ("fastddpm.evaluate", "measure how recognisable a digits model's samples are"),
     "export": ("fastddpm.export.cli", "write ONNX / TensorRT artifacts of a model"),
     "bench": ("fastddpm.bench", "time the sampling loop of a model, per backend"),
-    "convert": ("fastddpm.convert_command", "convert models from / to diffusers and the original DDPM checkpoints"),
+    "convert": ("fastddpm.convert_command",
+                "convert models from / to diffusers and the original DDPM checkpoints"),
 }
 
 

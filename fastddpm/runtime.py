@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from . import kernels
-from .backends import make_denoiser, resolve_device
+from .backends import GRAPH_CAPTURABLE, make_denoiser, resolve_device
 from .errors import UserError
 from .kernels.noise import INIT_STREAM
 from .model import DiffusionModel
@@ -58,7 +58,7 @@ class Sampler:
         self.denoise = make_denoiser(model, backend, device, dtype)
         self.coef = table.coef.to(device=device, dtype=torch.float32)
         self.timesteps = table.timesteps.to(device)
-        self.use_graph = cuda_graph and device.type == "cuda"
+        self.use_graph = cuda_graph and device.type == "cuda" and backend in GRAPH_CAPTURABLE
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, _Buffers]] = {}
 
     def _step(self, buf: _Buffers) -> None:
