@@ -34,7 +34,9 @@ def _sync():
 
 def _diffusers_pipeline(config_name: str):
     """diffusers' UNet2DModel + DDIMPipeline built from the same architecture."""
-    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is the peer measured here")
+    DDIMPipeline, DDIMScheduler, UNet2DModel = (diffusers.DDIMPipeline, diffusers.DDIMScheduler,
+                                                diffusers.UNet2DModel)
 
     cfg = CONFIGS[config_name]
     down, up = [], []

@@ -14,11 +14,15 @@ cd "$(dirname "$0")/.."
 # One line per benchmark suite: "<name> <pytest target>". Add a suite by adding a line.
 SUITES=(
   "kernels benchmarks/bench_kernels.py"
-  # "sampler benchmarks/bench_sampler.py"
+  "sampler benchmarks/bench_sampler.py"
 )
 
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
   echo "gpu_suite.sh: no CUDA device here; the GPU figures stay pending" >&2; exit 2; }
+
+# the package maps kernels/ and export/ into fastddpm.*: install it (offline, no dependencies)
+python -c "import fastddpm.kernels" 2>/dev/null || python -m pip install -q --no-deps \
+  --no-build-isolation -e . || { echo "gpu_suite.sh: cannot install fastddpm here" >&2; exit 2; }
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 dest="benchmarks/results/gpu-$stamp"
