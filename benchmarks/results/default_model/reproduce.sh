@@ -8,7 +8,7 @@ run_dir="${1:-runs/digits}"
 here="$(dirname "$0")"
 export OMP_NUM_THREADS=1
 
-fastddpm train --data digits --config digits --out "$run_dir" --steps 6000 --batch-size 64 \
+fastddpm train --data digits --config digits --out "$run_dir" --steps 5000 --batch-size 64 \
     --lr 4e-4 --warmup 200 --ema-decay 0.999 --save-every 500 --sample-every 2000 --seed 0
 
 # model.pt holds the EMA weights; the package ships them as safetensors (config in the metadata)
