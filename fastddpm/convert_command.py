@@ -13,7 +13,7 @@ import sys
 from .checkpoint import load, save
 from .files import check_writable_folder_target, check_writable_target
 from .interop import save_folder
-from .interop.diffusers import PIPELINE_INDEX, UNET_CONFIG
+from .interop.diffusers import REPLACEABLE
 
 TARGETS = ("fastddpm", "diffusers")
 DEFAULT_OUT = {"fastddpm": "model.pt", "diffusers": "model-diffusers"}
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or DEFAULT_OUT[args.to]
     # fail on a bad output path before reading (and building) a possibly large model
     if args.to == "diffusers":
-        check_writable_folder_target(out, replaceable=(UNET_CONFIG, PIPELINE_INDEX))
+        check_writable_folder_target(out, REPLACEABLE)
     else:
         check_writable_target(out)
     model = load(args.src)

@@ -71,8 +71,9 @@ def atomic_folder(path: str | os.PathLike, replaceable: tuple[str, ...] = ()):
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / path.name).exists():
-            os.replace(old / path.name, path)
+        if old is not None:  # the swap failed part-way: put the old folder back
+            if (old / path.name).exists() and not path.exists():
+                os.replace(old / path.name, path)
             shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:

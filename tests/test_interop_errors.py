@@ -199,3 +199,25 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_model(model, tmp_path, caps
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]
     code = main(["convert", str(tmp_path / "src"), "--to", "diffusers", "-o", str(tmp_path / "no" / "x")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_swap_failing_half_way_restores_the_old_folder(model, tmp_path, monkeypatch):
+    import os
+
+    from fastddpm import files
+
+    save_folder(model, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    real_replace, calls = os.replace, []
+
+    def fail_second_move(src, dst):  # old folder moved aside, then the new one fails to land
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("device busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", fail_second_move)
+    with pytest.raises(OSError, match="device busy"):
+        save_folder(model, tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
