@@ -201,7 +201,8 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_model(model, tmp_path, caps
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
-def test_swap_failing_half_way_restores_the_old_folder(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing_move", [1, 2])  # moving the old folder aside / the new one in
+def test_swap_failing_half_way_restores_the_old_folder(model, tmp_path, monkeypatch, failing_move):
     import os
 
     from fastddpm import files
@@ -210,13 +211,13 @@ def test_swap_failing_half_way_restores_the_old_folder(model, tmp_path, monkeypa
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     real_replace, calls = os.replace, []
 
-    def fail_second_move(src, dst):  # old folder moved aside, then the new one fails to land
+    def failing_replace(src, dst):
         calls.append(dst)
-        if len(calls) == 2:
+        if len(calls) == failing_move:
             raise OSError("device busy")
         real_replace(src, dst)
 
-    monkeypatch.setattr(files.os, "replace", fail_second_move)
+    monkeypatch.setattr(files.os, "replace", failing_replace)
     with pytest.raises(OSError, match="device busy"):
         save_folder(model, tmp_path / "out")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
