@@ -10,14 +10,18 @@ from pathlib import Path
 from .errors import UserError
 
 
-def check_writable_target(path: str | os.PathLike) -> Path:
-    """Fail early, in one line, when `path` cannot be written (before any work is done)."""
-    path = Path(path)
+def _check_parent(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"output folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UserError(f"output folder {parent} is not writable; choose another path")
+
+
+def check_writable_target(path: str | os.PathLike) -> Path:
+    """Fail early, in one line, when `path` cannot be written (before any work is done)."""
+    path = Path(path)
+    _check_parent(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give a file name")
     return path
@@ -42,11 +46,7 @@ def check_writable_folder_target(path: str | os.PathLike, replaceable: tuple[str
     it holds one of the `replaceable` marker files (a model folder we may overwrite), so a typo
     never deletes someone's data."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"output folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"output folder {parent} is not writable; choose another path")
+    _check_parent(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file; give a folder name")
     if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in replaceable):
