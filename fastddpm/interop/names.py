@@ -121,8 +121,8 @@ def param_map(our_keys: Iterable[str], layout: Layout, num_levels: int) -> list[
     out = []
     for key in our_keys:
         path, member = key.rsplit(".", 1)  # member: weight | bias
-        if _ATTN.fullmatch(path.rsplit(".", 1)[0]):
-            block, sub = path.rsplit(".", 1)
+        block, _, sub = path.rpartition(".")  # e.g. "down.1.attn.0", "qkv"
+        if _ATTN.fullmatch(block):
             theirs = _their_module(layout, block, num_levels)
             if sub == "qkv":
                 out += [Param(key, f"{theirs}.{name}.{member}", part, layout.attn_conv1x1)
@@ -132,8 +132,7 @@ def param_map(our_keys: Iterable[str], layout: Layout, num_levels: int) -> list[
                                  conv1x1=layout.attn_conv1x1))
             else:
                 out.append(Param(key, f"{theirs}.{layout.attn_norm}.{member}"))
-        elif _RES.fullmatch(path.rsplit(".", 1)[0]):
-            block, sub = path.rsplit(".", 1)
+        elif _RES.fullmatch(block):
             theirs = _their_module(layout, block, num_levels)
             out.append(Param(key, f"{theirs}.{layout.resblock.get(sub, sub)}.{member}"))
         else:
