@@ -15,5 +15,5 @@ fastddpm train --data digits --config digits --out "$run_dir" --steps 5000 --bat
 python -c "import sys; from fastddpm import checkpoint; \
 checkpoint.save(checkpoint.load(sys.argv[1]), 'fastddpm/assets/digits.safetensors')" "$run_dir/model.pt"
 
-OMP_NUM_THREADS=2 fastddpm eval --model default --num 1000 --steps 1000 --sampler ddpm --seed 0 \
+fastddpm eval --model default --num 1000 --steps 1000 --sampler ddpm --seed 0 --batch-size 500 \
     --grid "$here/samples.png" > "$here/eval.json"
