@@ -82,8 +82,11 @@ def test_killed_during_a_save_keeps_the_last_checkpoint_and_resumes_exactly(tmp_
             "--steps", "9", "--batch-size", "8", "--lr", "1e-3", "--warmup", "2",
             "--ema-decay", "0.9", "--save-every", "3", "--sample-every", "0", "--seed", "3",
             "--device", "cpu"]
+    # the same thread count as this process: CPU kernels sum in a thread-dependent order, and the
+    # comparison below is bit-exact
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-c", DIE_DURING_SAVE, target, "2", *argv],
-                          capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+                          capture_output=True, env=env, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert list(out.glob(".*.tmp")), "the kill should have left a half-written temp file"
     state = _states(out)
