@@ -11,6 +11,7 @@ from diffusers.models import embeddings
 from diffusers.pipelines.ddim import pipeline_ddim
 from diffusers.pipelines.ddpm import pipeline_ddpm
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
+from diffusers_tables import with_float64_tables
 from fastddpm.kernels import reverse_step_reference
 from fastddpm.kernels.noise import INIT_STREAM, STEP_STREAM, gaussian
 from interop_models import CIFAR10_CONFIG, DDPM_256_CONFIG, narrow, random_unet
@@ -18,7 +19,7 @@ from interop_models import CIFAR10_CONFIG, DDPM_256_CONFIG, narrow, random_unet
 import fastddpm
 from fastddpm.interop import save_folder
 from fastddpm.model import DiffusionModel, SamplingDefaults
-from fastddpm.schedule import Schedule, ScheduleConfig
+from fastddpm.schedule import ScheduleConfig
 from fastddpm.unet import CONFIGS, UNetConfig, timestep_embedding
 
 SMALL_CIFAR = narrow(CIFAR10_CONFIG, (16, 32, 32, 32))  # the CIFAR-10 U-Net at 1/64 the work
@@ -168,19 +169,6 @@ class _NoiseFeed:
         return self.queue.pop(0).to(dtype)
 
 
-def _float64_tables(scheduler, schedule: Schedule):
-    """diffusers keeps ᾱ in float32, whose cumulative product differs from our float64 table by
-    up to ~1e-5 relatively near t = T; through 1/√ᾱ (≈160 there) that alone would exceed 1e-4.
-    Hand the pipeline our ᾱ (checked against diffusers' own above) so the comparison tests the
-    sampling algorithm: timesteps, update formulas, clipping and where noise enters."""
-    scheduler.betas = schedule.betas.clone()
-    scheduler.alphas = schedule.alphas.clone()
-    scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()
-    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
-    scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
-    return scheduler
-
-
 STEPS, BATCH, SEED = 20, 2, 11
 
 
@@ -252,7 +240,7 @@ def test_ddpm_sampling_matches_ddpm_pipeline(variance, clip, tmp_path, monkeypat
     monkeypatch.setattr(pipeline_ddpm, "randn_tensor", feed)
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", feed)
     pipe = DDPMPipeline(unet=unet.to(DTYPE), scheduler=DDPMScheduler.from_pretrained(folder))
-    _float64_tables(pipe.scheduler, model.schedule)
+    with_float64_tables(pipe.scheduler, model.schedule)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(batch_size=BATCH, num_inference_steps=STEPS, output_type="pt").images
     # x_T and one z per step but the last (t = 0 there: no noise, as Algorithm 2)
@@ -272,7 +260,7 @@ def test_ddim_sampling_matches_ddim_pipeline(eta, tmp_path, monkeypatch, same_ti
     monkeypatch.setattr(pipeline_ddim, "randn_tensor", feed)
     monkeypatch.setattr(scheduling_ddim, "randn_tensor", feed)
     pipe = DDIMPipeline(unet=unet.to(DTYPE), scheduler=DDIMScheduler.from_pretrained(folder))
-    _float64_tables(pipe.scheduler, model.schedule)  # the pipeline rebuilds its scheduler: set them after
+    with_float64_tables(pipe.scheduler, model.schedule)  # the pipeline rebuilds its scheduler: set them after
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(batch_size=BATCH, num_inference_steps=STEPS, eta=eta, output_type="pt").images
     assert feed.drawn == (1 + STEPS if eta > 0 else 1)

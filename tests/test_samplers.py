@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
+from diffusers_tables import with_float64_tables
 from fastddpm.kernels import reverse_step_reference
 
 from fastddpm.errors import UserError
@@ -37,15 +38,6 @@ def _run_ours(table, x: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tens
     return out
 
 
-def _float64_tables(sched):
-    sched.betas = SCHEDULE.betas.clone()
-    sched.alphas = SCHEDULE.alphas.clone()
-    sched.alphas_cumprod = SCHEDULE.alphas_cumprod.clone()
-    sched.one = torch.tensor(1.0, dtype=torch.float64)
-    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
-    return sched
-
-
 def _assert_trajectories_close(ours, theirs):
     assert len(ours) == len(theirs)
     for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
@@ -60,8 +52,8 @@ def _assert_trajectories_close(ours, theirs):
                                            ("linspace", 20), ("leading", 7), ("trailing", 13)])
 def test_ddpm_matches_diffusers(variance, clip, spacing, steps, monkeypatch):
     table = ddpm_table(SCHEDULE, steps, spacing, variance, clip)
-    sched = _float64_tables(DDPMScheduler(num_train_timesteps=T, variance_type=variance,
-                                          clip_sample=clip, timestep_spacing=spacing))
+    sched = with_float64_tables(DDPMScheduler(num_train_timesteps=T, variance_type=variance,
+                                          clip_sample=clip, timestep_spacing=spacing), SCHEDULE)
     sched.set_timesteps(steps)
     assert sched.timesteps.tolist() == table.timesteps.tolist()
     n = 60 if steps == T else steps  # a full 1000-step chain: compare its first 60 steps
@@ -88,8 +80,8 @@ def test_ddpm_matches_diffusers(variance, clip, spacing, steps, monkeypatch):
                                            ("trailing", 10), ("leading", 3)])
 def test_ddim_matches_diffusers(eta, clip, spacing, steps):
     table = ddim_table(SCHEDULE, steps, spacing, eta, clip)
-    sched = _float64_tables(DDIMScheduler(num_train_timesteps=T, clip_sample=clip,
-                                          timestep_spacing=spacing, set_alpha_to_one=True))
+    sched = with_float64_tables(DDIMScheduler(num_train_timesteps=T, clip_sample=clip,
+                                          timestep_spacing=spacing, set_alpha_to_one=True), SCHEDULE)
     sched.set_timesteps(steps)
     assert sched.timesteps.tolist() == table.timesteps.tolist()
     n = min(steps, 60)
