@@ -35,6 +35,7 @@ def atomic_write(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        _open_like_new_files(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -80,10 +81,10 @@ def atomic_folder(path: str | os.PathLike, replaceable: tuple[str, ...] = ()):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _open_like_new_files(folder: Path) -> None:
-    """mkdtemp makes folders private (0700); give the result the modes a plain mkdir/open would."""
+def _open_like_new_files(target: Path) -> None:
+    """mkstemp / mkdtemp make private files (0600) and folders (0700); give a temp file, or a
+    temp folder and all it holds, the modes a plain open / mkdir would."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for item in folder.rglob("*"):
+    for item in [target, *(target.rglob("*") if target.is_dir() else [])]:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)

@@ -155,3 +155,10 @@ def test_newer_format_version_is_refused(model, tmp_path):
 def test_save_into_missing_folder(model, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         checkpoint.save(model, tmp_path / "no" / "m.pt")
+
+
+def test_saved_file_gets_the_modes_a_plain_open_would(model, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    checkpoint.save(model, tmp_path / "m.pt")
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
