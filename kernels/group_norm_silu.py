@@ -43,7 +43,9 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
+
+    from .launch import Launch
 
     @triton.jit
     def _channel_params(weight_ptr, bias_ptr, bias_nc_ptr, n, g, channels, channels_per_group,
@@ -150,12 +152,12 @@ if HAS_TRITON:
             y = _normalize(h, mean, rstd, gamma, beta, SILU)
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
-    def launch_group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    def group_norm_silu_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                groups: int, eps: float, bias_nc: torch.Tensor | None, silu: bool,
                                out: torch.Tensor, register_limit: int = REGISTER_LIMIT,
-                               loop_tile: int = LOOP_TILE) -> None:
-        """Launch on dense x (NCHW-contiguous, or 4-D channels_last) into `out` (x's strides);
-        weight, bias (C,) and bias_nc (N, C) contiguous. Tests call this directly under
+                               loop_tile: int = LOOP_TILE) -> Launch:
+        """The launch on dense x (NCHW-contiguous, or 4-D channels_last) into `out` (x's
+        strides); weight, bias (C,) and bias_nc (N, C) contiguous. Tests run it directly under
         TRITON_INTERPRET=1, with small limits to reach the looped variant on small shapes."""
         batch, channels = x.shape[0], x.shape[1]
         pixels = x[0, 0].numel()
@@ -171,11 +173,12 @@ if HAS_TRITON:
         else:
             kernel, block_p = _group_norm_looped_kernel, max(1, loop_tile // block_c)
         num_warps = 4 if block_c * block_p <= 2048 else 8 if block_c * block_p <= 8192 else 16
-        wrap_triton(kernel)[(batch * groups,)](
-            x, weight, bias, bias_nc if bias_nc is not None else weight, out,
-            channels, pixels, channels_per_group, groups, stride_c, stride_p, eps,
-            HAS_BIAS_NC=bias_nc is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p,
-            num_warps=num_warps)
+        return Launch(
+            kernel, (batch * groups,),
+            (x, weight, bias, bias_nc if bias_nc is not None else weight, out,
+             channels, pixels, channels_per_group, groups, stride_c, stride_p, eps),
+            dict(HAS_BIAS_NC=bias_nc is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p),
+            num_warps)
 
     @triton_op("fastddpm::group_norm_silu", mutates_args=())
     def _group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -185,7 +188,7 @@ if HAS_TRITON:
         if not kernel_applies(x):  # reached under torch.compile tracing of CPU/float64 tensors
             return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu)
         out = torch.empty_like(x)
-        launch_group_norm_silu(x, weight, bias, groups, eps, bias_nc, silu, out)
+        group_norm_silu_launch(x, weight, bias, groups, eps, bias_nc, silu, out).run()
         return out
 
     @_group_norm_silu_op.register_kernel("cpu")

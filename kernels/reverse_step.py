@@ -49,8 +49,9 @@ def _reference_step(x, eps, coef, step, rng, x0_prev, clip):
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
+    from torch.library import triton_op
 
+    from .launch import Launch
     from .noise import gaussian_triton
 
     @triton.jit
@@ -106,19 +107,20 @@ if HAS_TRITON:
         if STORE_X0:
             tl.store(x0_out_ptr + offs, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
 
-    def launch_reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
+    def reverse_step_launch(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
                             step: torch.Tensor, rng: torch.Tensor, x0_prev: torch.Tensor | None,
-                            out: torch.Tensor, x0_out: torch.Tensor | None, clip: bool) -> None:
-        """Launch the kernel: x, eps, x0_prev, out, x0_out dense with x's shape and strides;
-        coef (S, 7) float32 contiguous. Tests call this directly under TRITON_INTERPRET=1."""
+                            out: torch.Tensor, x0_out: torch.Tensor | None, clip: bool) -> Launch:
+        """The kernel's launch: x, eps, x0_prev, out, x0_out dense with x's shape and strides;
+        coef (S, 7) float32 contiguous. Tests run it directly under TRITON_INTERPRET=1."""
         channels_last = dense_layout(x) == torch.channels_last
         channels, pixels = (x.shape[1], x.shape[2] * x.shape[3]) if x.ndim == 4 else (1, x[0].numel())
         numel = x.numel()
-        wrap_triton(_reverse_step_kernel)[(triton.cdiv(numel, BLOCK),)](
-            x, eps, x0_prev if x0_prev is not None else x, out, x0_out if x0_out is not None else out,
-            coef, step, rng, numel, channels, pixels, STEP_STREAM,
-            CLIP=clip, HAS_X0_PREV=x0_prev is not None, STORE_X0=x0_out is not None,
-            CHANNELS_LAST=channels_last, BLOCK=BLOCK, num_warps=4)
+        return Launch(
+            _reverse_step_kernel, (triton.cdiv(numel, BLOCK),),
+            (x, eps, x0_prev if x0_prev is not None else x, out, x0_out if x0_out is not None else out,
+             coef, step, rng, numel, channels, pixels, STEP_STREAM),
+            dict(CLIP=clip, HAS_X0_PREV=x0_prev is not None, STORE_X0=x0_out is not None,
+                 CHANNELS_LAST=channels_last, BLOCK=BLOCK), num_warps=4)
 
     @triton_op("fastddpm::reverse_step", mutates_args={"out", "x0_out"})
     def _reverse_step_op(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
@@ -127,7 +129,7 @@ if HAS_TRITON:
         """Writes x_prev into `out` and x̂0 into `x0_out` (if given). Operands are prepared by
         `reverse_step`: dense, one layout, coef float32 contiguous."""
         if kernel_applies(x):
-            launch_reverse_step(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+            reverse_step_launch(x, eps, coef, step, rng, x0_prev, out, x0_out, clip).run()
         else:  # reached under torch.compile tracing of CPU or float64 tensors
             _write_reference(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
 

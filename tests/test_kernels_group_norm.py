@@ -60,7 +60,7 @@ def _check_against_reference(device, shape, groups, layout, **limits):
         for bias_nc, silu in [(False, True), (True, True), (True, False)]:
             x, weight, bias, b_nc = _inputs(shape, device, dtype, layout, bias_nc)
             out = poisoned(x)
-            gn.launch_group_norm_silu(x, weight, bias, groups, 1e-6, b_nc, silu, out, **limits)
+            gn.group_norm_silu_launch(x, weight, bias, groups, 1e-6, b_nc, silu, out, **limits).run()
             assert out.stride() == x.stride()
             assert_close(out, _expected(x, weight, bias, groups, b_nc, silu, dtype), dtype)
 
@@ -89,7 +89,7 @@ def test_the_largest_cifar_group_fits_in_registers(device):
     shape = (1, 12, 32, 32)
     x, weight, bias, b_nc = _inputs(shape, device, torch.float32, torch.contiguous_format, True, 1)
     out = poisoned(x)
-    gn.launch_group_norm_silu(x, weight, bias, 1, 1e-6, b_nc, True, out, loop_tile=0)
+    gn.group_norm_silu_launch(x, weight, bias, 1, 1e-6, b_nc, True, out, loop_tile=0).run()
     assert_close(out, _expected(x, weight, bias, 1, b_nc, True, torch.float32))
 
 
@@ -100,7 +100,7 @@ def test_deterministic(device, limits):
     x, weight, bias, b_nc = _inputs((2, 8, 5, 5), device, torch.float32, torch.channels_last, True)
     first, second = poisoned(x), poisoned(x)
     for out in (first, second):
-        gn.launch_group_norm_silu(x, weight, bias, 4, 1e-6, b_nc, True, out, **limits)
+        gn.group_norm_silu_launch(x, weight, bias, 4, 1e-6, b_nc, True, out, **limits).run()
     assert torch.equal(first, second)
 
 
@@ -112,7 +112,7 @@ def test_256px_group_takes_the_looped_kernel(dtype):
     """A 256² model's first level: 128 channels / 32 groups × 65,536 pixels per group."""
     x, weight, bias, b_nc = _inputs((2, 128, 256, 256), "cuda", dtype, torch.channels_last, True)
     out = poisoned(x)
-    gn.launch_group_norm_silu(x, weight, bias, 32, 1e-6, b_nc, True, out)
+    gn.group_norm_silu_launch(x, weight, bias, 32, 1e-6, b_nc, True, out).run()
     assert_close(out, _expected(x, weight, bias, 32, b_nc, True, dtype), dtype)
 
 

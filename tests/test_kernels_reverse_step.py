@@ -50,7 +50,7 @@ def _device_tensors(device, step, seed, first):
 def _launch(x, eps, coef, step, rng, x0_prev=None, clip=False, store_x0=True):
     out = poisoned(x)
     x0_out = poisoned(x) if store_x0 else None
-    rs.launch_reverse_step(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+    rs.reverse_step_launch(x, eps, coef, step, rng, x0_prev, out, x0_out, clip).run()
     return out, x0_out
 
 
@@ -113,7 +113,7 @@ def test_in_place_outputs(device):
     step, rng = _device_tensors(device, 1, 8, 4)
     z = noise.gaussian(8, torch.arange(4, 6), 1, (3, 9, 9)).to(device)
     want, want_x0 = rs.reverse_step_reference(x, eps, coef[1], z, x0_prev, True)
-    rs.launch_reverse_step(x, eps, coef, step, rng, x0_prev, x, x0_prev, True)
+    rs.reverse_step_launch(x, eps, coef, step, rng, x0_prev, x, x0_prev, True).run()
     assert_close(x, want)
     assert_close(x0_prev, want_x0)
 
