@@ -185,3 +185,20 @@ def test_bf16_autocast_trains_samples_and_fp16_needs_a_gpu(tmp_path, unet_json, 
     code, err = _cli(capsys, "--out", str(tmp_path / "fp16"), "--unet-json", unet_json,
                      "--precision", "fp16", "--device", "cpu")
     assert code == 2 and "needs a GPU" in err and not (tmp_path / "fp16").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_trains_on_cuda_in_every_precision(tmp_path, unet_json, precision):
+    """Autocast (fp16 with the gradient scaler) on the GPU: finite losses every step, fp32
+    weights in the checkpoint, and its sample grid drawn through the GPU sampler."""
+    out = tmp_path / precision
+    Trainer(_config(out, unet_json, steps=4, save_every=4, sample_every=4, device="cuda",
+                    precision=precision)).run()
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses), losses
+    model = checkpoint.load(out / "model.pt")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.unet.parameters())
+    assert _states(out)["step"] == 4
+    assert (out / "samples" / "step_0000004.png").stat().st_size > 0
