@@ -12,19 +12,24 @@ import pytest
 import torch
 
 from fastddpm.model import DiffusionModel
-from fastddpm.runtime import Sampler
+from fastddpm.runtime import DTYPES, Sampler
 from fastddpm.unet import CONFIGS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# case → (config, batch, DDIM steps); CPU cases are kept small enough to time in seconds
+# case → (config, batch, DDIM steps, dtype); CPU cases are kept small enough to time in seconds
 CASES = {
-    "digits-b64-ddim20": ("digits", 64, 20),
-    "cifar10-b1-ddim10": ("cifar10", 1, 10),
-    "cifar10-b16-ddim10": ("cifar10", 16, 10),
+    "digits-b64-ddim20": ("digits", 64, 20, "fp32"),
+    "cifar10-b1-ddim10": ("cifar10", 1, 10, "fp32"),
+    "cifar10-b16-ddim10": ("cifar10", 16, 10, "fp32"),
 }
 if DEVICE.type == "cuda":
-    CASES.update({"cifar10-b1-ddim100": ("cifar10", 1, 100), "cifar10-b64-ddim100": ("cifar10", 64, 100),
-                  "cifar10-b256-ddim50": ("cifar10", 256, 50)})
+    CASES.update({
+        "cifar10-b1-ddim100": ("cifar10", 1, 100, "fp32"),
+        "cifar10-b64-ddim100": ("cifar10", 64, 100, "fp32"),
+        "cifar10-b1-ddim100-fp16": ("cifar10", 1, 100, "fp16"),
+        "cifar10-b64-ddim100-fp16": ("cifar10", 64, 100, "fp16"),
+        "cifar10-b256-ddim50-fp16": ("cifar10", 256, 50, "fp16"),
+    })
 
 
 def _sync():
@@ -32,7 +37,7 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _diffusers_pipeline(config_name: str):
+def _diffusers_pipeline(config_name: str, dtype: torch.dtype):
     """diffusers' UNet2DModel + DDIMPipeline built from the same architecture."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is the peer measured here")
     DDIMPipeline, DDIMScheduler, UNet2DModel = (diffusers.DDIMPipeline, diffusers.DDIMScheduler,
@@ -52,7 +57,7 @@ def _diffusers_pipeline(config_name: str):
                        layers_per_block=cfg.num_res_blocks, down_block_types=down, up_block_types=up,
                        norm_num_groups=cfg.groups, norm_eps=cfg.eps, downsample_padding=0,
                        flip_sin_to_cos=False, freq_shift=1, attention_head_dim=None)
-    pipe = DDIMPipeline(unet=unet.to(DEVICE).eval(), scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe = DDIMPipeline(unet=unet.to(DEVICE, dtype).eval(), scheduler=DDIMScheduler(num_train_timesteps=1000))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -60,11 +65,11 @@ def _diffusers_pipeline(config_name: str):
 @pytest.mark.parametrize("impl", ["fastddpm", "fastddpm-compile", "diffusers"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sampling_throughput(benchmark, case, impl):
-    config_name, batch, steps = CASES[case]
+    config_name, batch, steps, dtype = CASES[case]
     benchmark.group = f"sampling {case} on {DEVICE.type}"
     torch.manual_seed(0)
     if impl == "diffusers":
-        pipe = _diffusers_pipeline(config_name)
+        pipe = _diffusers_pipeline(config_name, DTYPES[dtype])
 
         def run():
             pipe(batch_size=batch, num_inference_steps=steps, eta=0.0, output_type="np")
@@ -72,7 +77,7 @@ def test_sampling_throughput(benchmark, case, impl):
     else:
         model = DiffusionModel.create(CONFIGS[config_name])
         backend = "compile" if impl == "fastddpm-compile" else "torch"
-        sampler = Sampler(model, model.table("ddim", steps), DEVICE, backend=backend)
+        sampler = Sampler(model, model.table("ddim", steps), DEVICE, DTYPES[dtype], backend=backend)
 
         def run():
             sampler.run(seed=0, first=0, batch=batch)
@@ -82,6 +87,6 @@ def test_sampling_throughput(benchmark, case, impl):
     benchmark.pedantic(run, rounds=rounds, iterations=1)
     benchmark.extra_info.update({
         "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-        "torch": torch.__version__, "batch": batch, "steps": steps,
+        "torch": torch.__version__, "batch": batch, "steps": steps, "dtype": dtype,
         "images_per_s": batch / benchmark.stats.stats.median,
     })

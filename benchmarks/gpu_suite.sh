@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU suite, for a machine with a CUDA device: the GPU tests (`pytest -m gpu`), then every
-# benchmark below with --benchmark-json; results land in benchmarks/results/gpu-<UTC stamp>/ and,
-# when $OUT is set (the device machine's return folder), are copied there too:
+# The GPU suite, for a machine with a CUDA device: the GPU tests (`pytest -m gpu`), then the
+# benchmark suites with --benchmark-json; results land in benchmarks/results/gpu-<UTC stamp>/
+# and, when $OUT is set (the device machine's return folder), are copied there too:
 #   environment.md   device, driver, torch / triton versions, date
-#   gpu-tests.txt    the GPU tests' output
+#   tests.txt        the GPU tests' output
 #   <name>.json      pytest-benchmark JSON per suite;  <name>.txt  its console output
 #   summary.md       one markdown table per suite from the JSON (extra_info columns included)
-# Usage: benchmarks/gpu_suite.sh [extra pytest args for the benchmarks]
+# Usage: benchmarks/gpu_suite.sh [tests] [kernels] [sampler]     (no names: all, in that order)
+# Wheels in .whl/ (benchmarks/gpu_wheels.sh fetches diffusers there) are installed first.
 # Exit status: non-zero if the GPU tests or any benchmark suite failed (all still run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,12 +17,17 @@ SUITES=(
   "kernels benchmarks/bench_kernels.py"
   "sampler benchmarks/bench_sampler.py"
 )
+wanted=" ${*:-tests kernels sampler} "
 
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
   echo "gpu_suite.sh: no CUDA device here; the GPU figures stay pending" >&2; exit 2; }
 
+if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels: the machine has no network
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 # the package maps kernels/ and export/ into fastddpm.*: install it (offline, no dependencies)
-python -c "import fastddpm.kernels" 2>/dev/null || python -m pip install -q --no-deps \
+python3 -c "import fastddpm.kernels" 2>/dev/null || python3 -m pip install -q --no-deps \
   --no-build-isolation -e . || { echo "gpu_suite.sh: cannot install fastddpm here" >&2; exit 2; }
 
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
@@ -29,7 +35,7 @@ dest="benchmarks/results/gpu-$stamp"
 mkdir -p "$dest"
 status=0
 
-python - > "$dest/environment.md" <<'PY'
+python3 - > "$dest/environment.md" <<'PY'
 import datetime, platform, subprocess
 import torch
 try:
@@ -50,17 +56,20 @@ for key, value in [
     print(f"| {key} | {value} |")
 PY
 
-python -m pytest -m gpu -q -rs tests 2>&1 | tee "$dest/gpu-tests.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [[ $wanted == *" tests "* ]]; then
+  python3 -m pytest -m gpu -q -rs tests 2>&1 | tee "$dest/tests.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
 for suite in "${SUITES[@]}"; do
   name=${suite%% *}
   target=${suite#* }
-  python -m pytest "$target" -q -rs --benchmark-json="$dest/$name.json" "$@" 2>&1 | tee "$dest/$name.txt"
+  [[ $wanted == *" $name "* ]] || continue
+  python3 -m pytest "$target" -q -rs --benchmark-json="$dest/$name.json" 2>&1 | tee "$dest/$name.txt"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
 
-python - "$dest" > "$dest/summary.md" <<'PY'
+python3 - "$dest" > "$dest/summary.md" <<'PY'
 import json, pathlib, sys
 dest = pathlib.Path(sys.argv[1])
 print((dest / "environment.md").read_text())

@@ -53,10 +53,10 @@ def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
         unet = copy.deepcopy(unet)  # casting in place would round the caller's weights for good
     unet = unet.to(device=device, dtype=dtype).eval()
     if backend == "compile":
-        # our own CUDA graph wraps the whole step, so inductor must not add its own; on the CPU,
-        # autotuning costs a minute for little gain
-        mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else None
-        unet = torch.compile(unet, mode=mode, fullgraph=True)
+        # the default mode: no CUDA graphs of inductor's own (ours wraps the whole step), and no
+        # max-autotune — 88 % of the U-Net's FLOPs are 3×3 convolutions, which stay with cuDNN,
+        # while autotuning the rest would cost minutes per batch size
+        unet = torch.compile(unet, fullgraph=True)
 
     @torch.inference_mode()
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
