@@ -5,11 +5,13 @@ bytes moved / copy bandwidth, and the copy bandwidth is measured in the same run
 
 GroupNorm(+SiLU) at the U-Net's shapes — CIFAR-10: C ∈ {128, 256} at 32², 16², 8², 4²; 256²
 models: C = 128 at 256² — and the reverse step at image shapes (3×32², 3×256²), batch 1/64/256.
-Each case records in `benchmark.extra_info`: GPU time from CUDA events (`ms`, do_bench median),
-the same under a CUDA graph as the sampler runs it (`ms_graph`: no launch overhead), bytes
-moved, GB/s and its fraction of the measured copy bandwidth. pytest-benchmark's own columns are
-host wall time per call with a synchronise. Inputs come from the references' module, the same
-one the tests use, so the benchmarked and the tested code cannot drift apart.
+Peers: eager PyTorch at every case, and torch.compile of the same unfused ops at batch 64 (the
+issue's target batch). Each case records in `benchmark.extra_info`: GPU time from CUDA events
+(`ms`, do_bench median), the same under a CUDA graph as the sampler runs it (`ms_graph`: no
+launch overhead), bytes moved, GB/s and its fraction of the measured copy bandwidth.
+pytest-benchmark's own columns are host wall time per call with a synchronise. Inputs come from
+the references' module, the same one the tests use, so the benchmarked and the tested code
+cannot drift apart.
 """
 from __future__ import annotations
 
@@ -31,6 +33,19 @@ STEP_SHAPES = [(3, 32), (3, 256)]  # (C, H = W): CIFAR-10 and the 256² models' 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 GROUPS, EPS = 32, 1e-6
+# fused: ours; eager: the unfused PyTorch ops; compile: the same ops through torch.compile
+# (inductor writes its own fused Triton kernel), at the target batch only: a compile per case
+IMPLS = ["fused", "eager", "compile"]
+COMPILE_BATCH = 64
+
+
+def _skip_compile_off_target(impl: str, batch: int) -> None:
+    if impl == "compile" and batch != COMPILE_BATCH:
+        pytest.skip(f"torch.compile is measured at batch {COMPILE_BATCH} only (a compile per case)")
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def _gpu_ms(fn) -> tuple[float, float]:
@@ -79,7 +94,7 @@ def _group_norm_case(channels, size, batch, dtype, layout):
     return x, weight.to(dtype), bias.to(dtype)
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCHES)
@@ -87,19 +102,25 @@ def _group_norm_case(channels, size, batch, dtype, layout):
 @torch.inference_mode()
 def test_group_norm_silu(benchmark, copy_gbps, channels, size, batch, dtype, layout, impl):
     benchmark.group = f"group_norm_silu C{channels} {size}² b{batch} {dtype} {layout}"
+    _skip_compile_off_target(impl, batch)
     x, weight, bias = _group_norm_case(channels, size, batch, DTYPES[dtype], LAYOUTS[layout])
     if impl == "fused":
         def fn():
             return kernels.group_norm_silu(x, weight, bias, GROUPS, EPS)
     else:
-        def fn():
+        def unfused(x):
             return F.silu(F.group_norm(x, GROUPS, weight, bias, EPS))
+
+        op = _compiled(unfused) if impl == "compile" else unfused
+
+        def fn():
+            return op(x)
     nbytes = 2 * x.numel() * x.element_size()  # read x, write y
     _record(benchmark, fn, nbytes, copy_gbps, kernel="group_norm_silu", impl=impl,
             shape=list(x.shape), dtype=dtype, layout=layout)
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("channels,size", STEP_SHAPES, ids=lambda v: str(v))
@@ -107,6 +128,7 @@ def test_group_norm_silu(benchmark, copy_gbps, channels, size, batch, dtype, lay
 def test_reverse_step(benchmark, copy_gbps, channels, size, batch, dtype, impl):
     """A DDPM step with noise and clipping (the most work a row asks for), x̂0 written."""
     benchmark.group = f"reverse_step {channels}×{size}² b{batch} {dtype}"
+    _skip_compile_off_target(impl, batch)
     table = ddpm_table(Schedule(ScheduleConfig("linear", 1000)), 1000)
     coef = table.coef.to("cuda", torch.float32)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -121,8 +143,13 @@ def test_reverse_step(benchmark, copy_gbps, channels, size, batch, dtype, impl):
     else:  # what a scheduler does unfused: draw z, then the update as separate torch ops
         row = coef[10]
 
-        def fn():
+        def unfused(x, eps):
             return kernels.reverse_step_reference(x, eps, row, torch.randn_like(x), None, True)
+
+        op = _compiled(unfused) if impl == "compile" else unfused
+
+        def fn():
+            return op(x, eps)
     nbytes = 4 * x.numel() * x.element_size()  # read x, ε; write x_prev, x̂0
     _record(benchmark, fn, nbytes, copy_gbps, kernel="reverse_step", impl=impl,
             shape=list(x.shape), dtype=dtype)

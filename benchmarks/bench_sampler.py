@@ -87,6 +87,6 @@ def test_sampling_throughput(benchmark, case, impl):
     benchmark.pedantic(run, rounds=rounds, iterations=1)
     benchmark.extra_info.update({
         "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-        "torch": torch.__version__, "batch": batch, "steps": steps, "dtype": dtype,
+        "impl": impl, "torch": torch.__version__, "batch": batch, "steps": steps, "dtype": dtype,
         "images_per_s": batch / benchmark.stats.stats.median,
     })

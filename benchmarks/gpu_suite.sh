@@ -69,24 +69,7 @@ for suite in "${SUITES[@]}"; do
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
 
-python3 - "$dest" > "$dest/summary.md" <<'PY'
-import json, pathlib, sys
-dest = pathlib.Path(sys.argv[1])
-print((dest / "environment.md").read_text())
-for path in sorted(dest.glob("*.json")):
-    benches = json.loads(path.read_text()).get("benchmarks", [])
-    print(f"\n## {path.stem}\n")
-    if not benches:
-        print("(no results)")
-        continue
-    keys = sorted({k for b in benches for k in b.get("extra_info", {})} - {"device"})
-    print("| test | host median ms | " + " | ".join(keys) + " |")
-    print("|---|---|" + "---|" * len(keys))
-    for b in benches:
-        info = b.get("extra_info", {})
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (info.get(k, "") for k in keys)]
-        print(f"| {b['name']} | {b['stats']['median'] * 1e3:.4g} | " + " | ".join(cells) + " |")
-PY
+python3 benchmarks/summarize.py "$dest" > "$dest/summary.md"
 
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT" && cp -r "$dest" "$OUT/"
