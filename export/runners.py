@@ -1,9 +1,9 @@
 """Runners over exported graphs: name-based I/O on torch tensors, one interface for every engine.
 
 `runner(**inputs) -> {output name: tensor}` with inputs named as in onnx_graphs (x, t / x, step,
-noise[, x0_prev]); every output has the shape of `x`. `OrtRunner` runs ONNX Runtime (plain run
-on the CPU, IOBinding on torch buffers on CUDA); `tensorrt.TensorRTRunner` is the same contract
-over a TensorRT engine. `make_export_denoiser` turns either into a `denoise(x, t)` backend.
+noise[, x0_prev]); every output has the shape of `x`. `OrtRunner` runs ONNX Runtime with
+IOBinding on torch buffers, on the CPU and on CUDA alike; `tensorrt.TensorRTRunner` is the same
+contract over a TensorRT engine. `make_export_denoiser` turns either into a `denoise(x, t)` backend.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from fastddpm.model import DiffusionModel
 
 ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
               "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64}
-NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+# element types for IOBinding: numpy types, and ONNX's type number for bfloat16 (numpy has none)
+BIND_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+              torch.bfloat16: 16}  # onnx.TensorProto.BFLOAT16
 
 
 def import_onnxruntime():
@@ -86,37 +88,32 @@ class OrtRunner:
         self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """IOBinding: ORT reads the torch inputs and writes torch outputs in place, no copies."""
         batch = inputs["x"].shape[0]
         if self.fixed_batch is not None:
             check_batch(batch, self.fixed_batch, self.fixed_batch, self.path.name)
-        if self.device.type == "cuda":
-            return self._run_bound(inputs)
-        feeds = {name: inputs[name].detach().cpu().contiguous().numpy() for name in self.input_names}
-        outs = self.session.run(self.output_names, feeds)
-        return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outs, strict=True)}
-
-    def _run_bound(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """IOBinding: ORT reads and writes the torch buffers in place, no host copies."""
-        if torch.cuda.is_current_stream_capturing():
+        cuda = self.device.type == "cuda"
+        if cuda and torch.cuda.is_current_stream_capturing():
             raise UserError("the onnxruntime backend cannot run inside a CUDA graph capture; "
                             "call it outside one (the sampler does so by itself)")
-        index = self.device.index or 0
+        where = (self.device.type, self.device.index or 0)
         binding = self.session.io_binding()
-        current = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(current)
-        held = []
+        if cuda:
+            current = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(current)
+        held = []  # the bound inputs stay alive until ORT has read them
         for name in self.input_names:
-            t = inputs[name].contiguous()
+            t = inputs[name].detach().to(self.device).contiguous()
             held.append(t)
-            binding.bind_input(name, "cuda", index, NUMPY_DTYPES[t.dtype], tuple(t.shape), t.data_ptr())
+            binding.bind_input(name, *where, BIND_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
         outs = {}
         for name in self.output_names:
             out = torch.empty(inputs["x"].shape, dtype=self.output_dtypes[name], device=self.device)
-            binding.bind_output(name, "cuda", index, NUMPY_DTYPES[out.dtype], tuple(out.shape),
-                                out.data_ptr())
+            binding.bind_output(name, *where, BIND_TYPES[out.dtype], tuple(out.shape), out.data_ptr())
             outs[name] = out
         self.session.run_with_iobinding(binding)  # synchronises ORT's stream before returning
-        current.wait_stream(self._stream)
+        if cuda:
+            current.wait_stream(self._stream)
         return outs
 
 

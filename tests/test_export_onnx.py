@@ -213,6 +213,25 @@ def test_missing_kernel_is_named(tmp_path):
         OrtRunner(path)
 
 
+@pytest.mark.parametrize("dtype,onnx_type", [(torch.float32, TensorProto.FLOAT),
+                                              (torch.float16, TensorProto.FLOAT16),
+                                              (torch.bfloat16, TensorProto.BFLOAT16)])
+def test_runner_binds_torch_buffers_in_every_io_dtype(tmp_path, dtype, onnx_type):
+    """IOBinding on the CPU as on CUDA: ORT reads x and t from torch memory and writes `eps`
+    into a torch tensor; bf16 (which numpy lacks) is bound by its ONNX type number. The graph
+    is an Identity: the CPU provider has no bf16 arithmetic."""
+    inputs = [helper.make_tensor_value_info("x", onnx_type, ["batch", 2, 3]),
+              helper.make_tensor_value_info("t", TensorProto.INT64, ["batch"])]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["eps"])], "g", inputs,
+                              [helper.make_tensor_value_info("eps", onnx_type, ["batch", 2, 3])])
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    x = torch.randn(4, 2, 3).to(dtype)
+    out = OrtRunner(path)(x=x, t=torch.arange(4))["eps"]
+    assert out.dtype == dtype and out.shape == x.shape and out.data_ptr() != x.data_ptr()
+    assert torch.equal(out, x)
+
+
 def test_a_batch_the_graph_was_not_built_for(ddim_step_onnx):
     runner = OrtRunner(ddim_step_onnx)
     x = torch.randn(3, 3, 8, 8)
