@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,13 +64,34 @@ class TrainConfig:
 
 @dataclass
 class _Dist:
+    """This process's place in the run, and the collectives the trainer issues itself.
+
+    Each collective's work handle is kept (the latest few): gloo's worker threads let go of a
+    finished work after the caller has moved on, and letting go of the last reference to tensors
+    that have Python objects takes the GIL — which the group's destructor holds while it joins
+    those threads. With the handle kept, a worker's reference is never the last one, so the
+    destructor (run at the end of `Trainer.run`, while these are still held) never waits on
+    the GIL."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    recent_work: deque = field(default_factory=lambda: deque(maxlen=16))
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def all_reduce_min(self, t: torch.Tensor) -> None:
+        work = dist.all_reduce(t, op=dist.ReduceOp.MIN, async_op=True)
+        work.wait()
+        self.recent_work.append(work)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        work = dist.all_gather(parts, t, async_op=True)
+        work.wait()
+        self.recent_work.append(work)
+        return parts
 
 
 def _init_distributed(device_type: str) -> _Dist:
@@ -219,9 +242,10 @@ class Trainer:
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         if self.dist.world == 1:
             return {k: [v] for k, v in own.items()}
-        gathered = [None] * self.dist.world
-        dist.all_gather_object(gathered, own)
-        return {k: [g[k] for g in gathered] for k in own}
+        # byte tensors of one size on every rank; nccl gathers CUDA tensors only
+        return {k: [None] * self.dist.world if v is None
+                else [part.cpu() for part in self.dist.all_gather(v.to(self.device))]
+                for k, v in own.items()}
 
     def save(self) -> None:
         rng = self._gather_rng()  # every rank takes part
@@ -280,7 +304,7 @@ class Trainer:
         and the training loop needs no host sync per step."""
         finite = torch.isfinite(loss).float()
         if self.dist.world > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            self.dist.all_reduce_min(finite)
         if finite.item() < 1:
             raise UserError(f"loss became {loss.item()} by step {self.step}; stopped, the last good "
                             f"checkpoint in {self.out} is kept — lower --lr")
@@ -329,6 +353,10 @@ class Trainer:
                 log.close()
             if self.dist.world > 1:
                 dist.destroy_process_group()
+                # DDP's reducer holds the group: free both now, while self.dist still holds the
+                # latest collectives' work (see _Dist), rather than in whatever order later
+                self.model = self.unet
+                gc.collect()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
