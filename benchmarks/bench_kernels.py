@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastddpm import kernels
-from fastddpm.samplers import ddpm_table
+from fastddpm.samplers import ddim_table, ddpm_table
 from fastddpm.schedule import Schedule, ScheduleConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -121,15 +121,19 @@ def test_group_norm_silu(benchmark, copy_gbps, channels, size, batch, dtype, lay
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("channels,size", STEP_SHAPES, ids=lambda v: str(v))
 @torch.inference_mode()
-def test_reverse_step(benchmark, copy_gbps, channels, size, batch, dtype, impl):
-    """A DDPM step with noise and clipping (the most work a row asks for), x̂0 written."""
-    benchmark.group = f"reverse_step {channels}×{size}² b{batch} {dtype}"
+def test_reverse_step(benchmark, copy_gbps, channels, size, batch, dtype, sampler, impl):
+    """A step with clipping and x̂0 written: DDPM draws noise (σ > 0), DDIM (η = 0) does not, so
+    the pair shows what the in-kernel Philox costs — about 200 instructions per element against
+    8 to 16 bytes moved, which may make the noisy fp16 step compute-bound."""
+    benchmark.group = f"reverse_step {channels}×{size}² b{batch} {dtype} {sampler}"
     _skip_compile_off_target(impl, batch)
-    table = ddpm_table(Schedule(ScheduleConfig("linear", 1000)), 1000)
+    schedule = Schedule(ScheduleConfig("linear", 1000))
+    table = (ddpm_table if sampler == "ddpm" else ddim_table)(schedule, 1000)
     coef = table.coef.to("cuda", torch.float32)
     g = torch.Generator(device="cuda").manual_seed(0)
     x, eps = (torch.randn(batch, channels, size, size, device="cuda", dtype=DTYPES[dtype],
@@ -144,7 +148,8 @@ def test_reverse_step(benchmark, copy_gbps, channels, size, batch, dtype, impl):
         row = coef[10]
 
         def unfused(x, eps):
-            return kernels.reverse_step_reference(x, eps, row, torch.randn_like(x), None, True)
+            z = torch.randn_like(x) if sampler == "ddpm" else None
+            return kernels.reverse_step_reference(x, eps, row, z, None, True)
 
         op = _compiled(unfused) if impl == "compile" else unfused
 
@@ -152,4 +157,4 @@ def test_reverse_step(benchmark, copy_gbps, channels, size, batch, dtype, impl):
             return op(x, eps)
     nbytes = 4 * x.numel() * x.element_size()  # read x, ε; write x_prev, x̂0
     _record(benchmark, fn, nbytes, copy_gbps, kernel="reverse_step", impl=impl,
-            shape=list(x.shape), dtype=dtype)
+            shape=list(x.shape), dtype=dtype, sampler=sampler)
