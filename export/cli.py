@@ -8,7 +8,7 @@ from fastddpm.errors import UserError
 from fastddpm.runtime import DTYPES
 from fastddpm.samplers import SAMPLERS, SPACINGS
 
-from .onnx import GRAPHS
+from . import GRAPHS
 
 FORMATS = ("onnx", "tensorrt")
 DEFAULT_MAX_BATCH = 64
@@ -61,7 +61,10 @@ def default_out(model: str, what: str, fmt: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from fastddpm import checkpoint
 
-    from .onnx import OnnxOptions
+    try:
+        from .onnx import OnnxOptions
+    except ImportError as e:  # the onnx extra is optional: the base install samples and trains
+        raise UserError(f"export needs the {e.name} package; pip install 'fastddpm[onnx]'") from None
 
     if args.format == "tensorrt":
         from .tensorrt import require_tensorrt

@@ -24,10 +24,10 @@ from fastddpm.files import check_writable_target
 from fastddpm.model import DiffusionModel
 from fastddpm.runtime import DTYPES
 
+from . import GRAPHS
 from . import onnx_graphs as graphs
 from .validate import validate, validation_device
 
-GRAPHS = ("eps", "step", "both")
 METADATA_KEY = "fastddpm"
 # protobuf refuses messages over 2 GiB; keep headroom for the graph itself
 EXTERNAL_DATA_BYTES = 2**31 - 2**26

@@ -128,3 +128,30 @@ def test_pickle_that_runs_code_never_runs(tmp_path):
     assert proc.returncode == 2
     assert "safe loading refuses" in proc.stderr and proc.stderr.count("\n") == 1
     assert not marker.exists() and not (tmp_path / "o.png").exists()
+
+
+# what `pip install -e .` leaves out: the extras (onnx, test, train, kernels, tensorrt)
+OPTIONAL = ("onnx", "onnxscript", "onnxruntime", "tensorrt", "diffusers", "sklearn", "triton",
+            "pytest_benchmark")
+
+
+def test_base_install_samples_and_names_the_extra_it_lacks(tmp_path):
+    """The README's first command on the base install: no optional package importable (each is
+    blocked in sys.modules), `fastddpm sample` still draws from the bundled model, and a command
+    that needs an extra says which in one line."""
+    script = f"""
+import sys
+for name in {OPTIONAL!r}:
+    sys.modules[name] = None  # `import name` now raises ImportError
+from fastddpm.cli import main
+assert main(["sample", "--num", "4", "--steps", "3", "--device", "cpu",
+             "--out", {str(tmp_path / "grid.png")!r}]) == 0
+sys.exit(main(["export", "default", "-o", {str(tmp_path / "m.onnx")!r}]))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "grid.png").exists(), run.stderr[-2000:]
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "fastddpm export: error: export needs the onnx package; pip install 'fastddpm[onnx]'")
+    assert not (tmp_path / "m.onnx").exists()
