@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastddpm.errors import UserError
+from fastddpm.errors import UserError, require_extra
 from fastddpm.runtime import DTYPES
 from fastddpm.samplers import SAMPLERS, SPACINGS
 
@@ -61,10 +61,9 @@ def default_out(model: str, what: str, fmt: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from fastddpm import checkpoint
 
-    try:
-        from .onnx import OnnxOptions
-    except ImportError as e:  # the onnx extra is optional: the base install samples and trains
-        raise UserError(f"export needs the {e.name} package; pip install 'fastddpm[onnx]'") from None
+    for module in ("onnx", "onnxscript"):  # the onnx extra, which the base install leaves out
+        require_extra(module, "onnx", "export")
+    from .onnx import OnnxOptions
 
     if args.format == "tensorrt":
         from .tensorrt import require_tensorrt

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .errors import UserError
+from .errors import UserError, require_extra
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 HELDOUT_FRACTION = 1 / 6
@@ -51,9 +51,8 @@ def _split(x: torch.Tensor, labels: torch.Tensor | None) -> Dataset:
 
 def digits(size: int = 16) -> Dataset:
     """scikit-learn's digits, (1797, 1, size, size), split 5:1 train:held-out (seeded)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    datasets = require_extra("sklearn.datasets", "train", "the built-in digits data set")
+    d = datasets.load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
     x = _resize(x, size) * 2 - 1
     return _split(x, torch.from_numpy(d.target.astype(np.int64)))

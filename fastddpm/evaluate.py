@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import load
 from .data import digits
-from .errors import UserError
+from .errors import UserError, require_extra
 from .images import check_output, save
 from .runtime import sample
 from .samplers import SAMPLERS
@@ -33,10 +33,10 @@ class DigitClassifier:
     """MLP on flattened (S×S) digits in [−1, 1]; hidden ReLU activations serve as features."""
 
     def __init__(self, size: int, seed: int = 0):
-        from sklearn.neural_network import MLPClassifier
-
+        networks = require_extra("sklearn.neural_network", "train", "the digits classifier")
         self.data = digits(size)
-        self.mlp = MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=600, random_state=seed)
+        self.mlp = networks.MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-3, max_iter=600,
+                                          random_state=seed)
         self.mlp.fit(self._flat(self.data.train), self.data.labels_train.numpy())
 
     @staticmethod
