@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastddpm.errors import UserError, require_extra
+from fastddpm.errors import UserError
 from fastddpm.runtime import DTYPES
 from fastddpm.samplers import SAMPLERS, SPACINGS
 
-from . import GRAPHS
+from . import GRAPHS, require_onnx_export
 
 FORMATS = ("onnx", "tensorrt")
 DEFAULT_MAX_BATCH = 64
@@ -61,8 +61,7 @@ def default_out(model: str, what: str, fmt: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from fastddpm import checkpoint
 
-    for module in ("onnx", "onnxscript"):  # the onnx extra, which the base install leaves out
-        require_extra(module, "onnx", "export")
+    require_onnx_export("export")
     from .onnx import OnnxOptions
 
     if args.format == "tensorrt":

@@ -45,6 +45,9 @@ def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend in ("onnxruntime", "tensorrt"):  # imported here: ONNX and TensorRT are optional
+        from .export import require_onnx_export
+
+        require_onnx_export(f"the {backend} backend")  # it runs our ONNX export of the model
         from .export.runners import make_export_denoiser
 
         return make_export_denoiser(model, backend, device, dtype)

@@ -148,8 +148,9 @@ assert main(["sample", "--num", "4", "--steps", "3", "--device", "cpu",
              "--out", {str(tmp_path / "grid.png")!r}]) == 0
 codes = [main(["export", "default", "-o", {str(tmp_path / "m.onnx")!r}]),
          main(["train", "--steps", "1", "--device", "cpu", "--out", {str(tmp_path / "run")!r}]),
-         main(["eval", "--num", "2", "--steps", "2", "--device", "cpu"])]
-sys.exit(0 if codes == [2, 2, 2] else 1)
+         main(["eval", "--num", "2", "--steps", "2", "--device", "cpu"]),
+         main(["bench", "--device", "cpu", "--steps", "2", "--backends", "onnxruntime"])]
+sys.exit(0 if codes == [2, 2, 2, 2] else 1)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert (tmp_path / "grid.png").exists(), run.stderr[-2000:]
@@ -158,5 +159,6 @@ sys.exit(0 if codes == [2, 2, 2] else 1)
     assert [line for line in run.stderr.splitlines() if "error" in line] == [
         "fastddpm export: error: export needs onnx; pip install 'fastddpm[onnx]'",
         "fastddpm train: error: the built-in digits data set needs sklearn; pip install 'fastddpm[train]'",
-        "fastddpm eval: error: the digits classifier needs sklearn; pip install 'fastddpm[train]'"]
+        "fastddpm eval: error: the digits classifier needs sklearn; pip install 'fastddpm[train]'",
+        "fastddpm bench: error: the onnxruntime backend needs onnx; pip install 'fastddpm[onnx]'"]
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "run").exists()
