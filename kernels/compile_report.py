@@ -26,18 +26,25 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import triton
-from triton._C.libtriton import native_specialize_impl  # the JIT's own specialisation rule
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-from triton.compiler import ASTSource, make_backend
 
 from fastddpm import kernels
 from fastddpm.unet import CONFIGS, UNet, UNetConfig
 
-from .group_norm_silu import group_norm_silu_launch, group_norm_silu_reference
-from .launch import Launch
-from .reverse_step import reverse_step_launch
+try:
+    import triton
+    from triton._C.libtriton import native_specialize_impl  # the JIT's own specialisation rule
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.compiler import ASTSource, make_backend
+
+    from .group_norm_silu import group_norm_silu_launch, group_norm_silu_reference
+    from .launch import Launch
+    from .reverse_step import reverse_step_launch
+except ImportError as missing:
+    if __name__ == "__main__":
+        sys.exit(f"compile_report needs Triton with its NVIDIA backend ({missing.name} is missing); "
+                 "pip install 'fastddpm[kernels]'")
+    raise
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
