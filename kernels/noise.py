@@ -1,10 +1,12 @@
 """Counter-based Gaussian noise: z = N(0,1) from (seed, sample, step, element), nothing stored.
 
-Philox4x32-10 (Salmon et al. 2011) with key = seed and counter = (element, step, sample, stream),
-then Box-Muller on the first two words — the same recipe as `tl.randn` in Triton, so the Triton
-kernels (`gaussian_triton`) and this torch reference (`gaussian`) draw the same numbers. A
-sample's noise depends only on its own index, never on the batch it was drawn in: same seed →
-same images at any batch size.
+Philox4x32-10 (Salmon et al. 2011) with key = seed and counter = (element // 4, step, sample,
+stream); Box-Muller on its two word pairs gives four normals, (r₁cos θ₁, r₁sin θ₁, r₂cos θ₂,
+r₂sin θ₂), for elements 4q … 4q+3 — Triton's `randn4x` recipe. One draw serves four elements:
+Philox is most of the reverse step's arithmetic, so the kernel (`gaussian4_triton`) draws once per
+four consecutive elements, and `gaussian_triton` and this torch reference (`gaussian`) give each
+element its own lane of the same draw. A sample's noise depends only on its own index, never on
+the batch it was drawn in: same seed → same images at any batch size.
 
 `element` is the index in the sample's logical (C, H, W) order, whatever the memory format.
 """
@@ -50,12 +52,16 @@ def _uniform(word: torch.Tensor) -> torch.Tensor:
 
 
 def _normal(seed, elem: torch.Tensor, step, sample: torch.Tensor, stream: int) -> torch.Tensor:
-    """Box-Muller on Philox words 0 and 1; seed and step may be ints or int64 0-d tensors."""
+    """Element e's lane e % 4 of the draw at counter e // 4; seed and step may be ints or int64
+    0-d tensors."""
     step = torch.as_tensor(step, dtype=torch.int64, device=elem.device).expand_as(elem)
-    w0, w1, _, _ = philox4x32(seed, elem, step, sample, torch.full_like(elem, stream))
-    u1 = _uniform(w0).clamp(min=1.0e-7)
-    theta = 6.283185307179586 * _uniform(w1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    w0, w1, w2, w3 = philox4x32(seed, elem >> 2, step, sample, torch.full_like(elem, stream))
+    lane = elem & 3
+    first_pair = lane < 2
+    u1 = _uniform(torch.where(first_pair, w0, w2)).clamp(min=1.0e-7)
+    theta = 6.283185307179586 * _uniform(torch.where(first_pair, w1, w3))
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return torch.where(lane % 2 == 0, radius * torch.cos(theta), radius * torch.sin(theta))
 
 
 def _counters(first, batch: int, shape: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,12 +97,26 @@ def step_noise(rng: torch.Tensor, step: torch.Tensor, batch: int,
 
 if HAS_TRITON:
     import triton
-    import triton.language as tl  # noqa: F401  (the interpreter patches it in the helper's globals)
+    import triton.language as tl
     from triton.language.random import pair_uniform_to_normal, philox, uint_to_uniform_float
 
     @triton.jit
     def gaussian_triton(seed, elem, step, sample, stream):
-        """`gaussian` inside a kernel: seed int64 scalar; elem, step, sample, stream uint32."""
-        w0, w1, _, _ = philox(seed, elem, step, sample, stream)
-        z, _ = pair_uniform_to_normal(uint_to_uniform_float(w0), uint_to_uniform_float(w1))
-        return z
+        """`gaussian` inside a kernel, an element at a time (a draw per element, its lane kept):
+        seed int64 scalar; elem, step, sample, stream uint32 tensors of one shape."""
+        w0, w1, w2, w3 = philox(seed, elem >> 2, step, sample, stream)
+        lane = elem & 3
+        first_pair = lane < 2
+        cos_part, sin_part = pair_uniform_to_normal(uint_to_uniform_float(tl.where(first_pair, w0, w2)),
+                                                    uint_to_uniform_float(tl.where(first_pair, w1, w3)))
+        return tl.where((lane & 1) == 0, cos_part, sin_part)
+
+    @triton.jit
+    def gaussian4_triton(seed, quad, step, sample, stream):
+        """The noise of elements 4·quad … 4·quad+3, one draw for the four: quad, step, sample,
+        stream uint32 (N,); returns (4N,) float32 in element order."""
+        w0, w1, w2, w3 = philox(seed, quad, step, sample, stream)
+        z0, z1 = pair_uniform_to_normal(uint_to_uniform_float(w0), uint_to_uniform_float(w1))
+        z2, z3 = pair_uniform_to_normal(uint_to_uniform_float(w2), uint_to_uniform_float(w3))
+        # join(join(z0, z2), join(z1, z3))[q, i, j] = z_{2i+j}: row-major order is z0 z1 z2 z3
+        return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (4 * quad.shape[0],))

@@ -5,7 +5,9 @@
 
 All arithmetic in float32 (float64 in the reference when given float64), I/O in the input dtype.
 z is drawn from (seed, global sample index, step, element) by `noise.gaussian`; the kernel draws
-the same numbers in registers (`noise.gaussian_triton`), so nothing is stored. The row of the
+the same numbers in registers, so nothing is stored — one Philox draw per four elements where
+memory order is the logical order (`noise.gaussian4_triton`), one per element (its lane kept)
+for channels_last or a sample size not divisible by 4 (`noise.gaussian_triton`). The row of the
 table and the seed are read from device tensors: a CUDA graph captured once replays every step
 and every seed with no host work. σ = 0 in the table's last row gives z = 0 there.
 
@@ -52,7 +54,7 @@ if HAS_TRITON:
     from torch.library import triton_op
 
     from .launch import Launch
-    from .noise import gaussian_triton
+    from .noise import gaussian4_triton, gaussian_triton
 
     @triton.jit
     def _reverse_step_kernel(
@@ -72,6 +74,7 @@ if HAS_TRITON:
         HAS_X0_PREV: tl.constexpr,
         STORE_X0: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,
+        QUADS: tl.constexpr,  # NCHW with C·H·W % 4 == 0: the noise drawn four elements at a time
         BLOCK: tl.constexpr,
     ):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -92,16 +95,24 @@ if HAS_TRITON:
             out += d * tl.load(x0_prev_ptr + offs, mask=mask).to(tl.float32)
         if sigma != 0.0:  # DDIM(η=0), DPM-Solver++ and every last step skip Philox altogether
             per_sample = channels * pixels
-            sample = offs // per_sample
-            within = offs - sample * per_sample
-            if CHANNELS_LAST:  # memory (h·w, c) → the noise contract's logical (c, h·w) index
-                pixel = within // channels
-                within = (within - pixel * channels) * pixels + pixel
             seed = tl.load(rng_ptr)
             first = tl.load(rng_ptr + 1)
-            zero = within.to(tl.uint32) * 0  # counters as full blocks, like the reference's
-            z = gaussian_triton(seed, within.to(tl.uint32), zero + step.to(tl.uint32),
-                                (first + sample).to(tl.uint32), zero + stream)
+            if QUADS:  # memory order is logical order and no sample splits a quad: a draw per 4
+                lead = tl.program_id(0).to(tl.int64) * BLOCK + 4 * tl.arange(0, BLOCK // 4)
+                sample = lead // per_sample
+                quad = ((lead - sample * per_sample) // 4).to(tl.uint32)
+                zero = quad * 0  # counters as full blocks, like the reference's
+                z = gaussian4_triton(seed, quad, zero + step.to(tl.uint32),
+                                     (first + sample).to(tl.uint32), zero + stream)
+            else:  # a draw per element, its lane kept
+                sample = offs // per_sample
+                within = offs - sample * per_sample
+                if CHANNELS_LAST:  # memory (h·w, c) → the noise contract's logical (c, h·w) index
+                    pixel = within // channels
+                    within = (within - pixel * channels) * pixels + pixel
+                zero = within.to(tl.uint32) * 0
+                z = gaussian_triton(seed, within.to(tl.uint32), zero + step.to(tl.uint32),
+                                    (first + sample).to(tl.uint32), zero + stream)
             out += sigma * z
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
         if STORE_X0:
@@ -120,7 +131,8 @@ if HAS_TRITON:
             (x, eps, x0_prev if x0_prev is not None else x, out, x0_out if x0_out is not None else out,
              coef, step, rng, numel, channels, pixels, STEP_STREAM),
             dict(CLIP=clip, HAS_X0_PREV=x0_prev is not None, STORE_X0=x0_out is not None,
-                 CHANNELS_LAST=channels_last, BLOCK=BLOCK), num_warps=4)
+                 CHANNELS_LAST=channels_last, QUADS=not channels_last and channels * pixels % 4 == 0,
+                 BLOCK=BLOCK), num_warps=4)
 
     @triton_op("fastddpm::reverse_step", mutates_args={"out", "x0_out"})
     def _reverse_step_op(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,

@@ -142,8 +142,9 @@ def test_every_sampler_table_every_step(device, table):
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 3, 2**40 + 12345], ids=["seed0", "seed3", "seed64bit"])
-def test_noise_equals_reference_gaussian(device, seed):
-    shape = (3, 3, 8, 5)
+@pytest.mark.parametrize("shape", [(3, 3, 8, 5), (3, 3, 7, 5)], ids=["quads", "per-element"])
+def test_noise_equals_reference_gaussian(device, seed, shape):
+    """3·8·5 = 120 elements per sample: a draw per four; 105: a draw per element."""
     z = _kernel_noise(shape, device, step=7, seed=seed, first=11)
     want = noise.gaussian(seed, torch.arange(11, 14), 7, shape[1:]).to(device)
     assert_close(z, want, atol=NOISE_ATOL[device], rtol=0.0)
@@ -152,7 +153,8 @@ def test_noise_equals_reference_gaussian(device, seed):
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_noise_follows_logical_order_in_channels_last(device):
-    """The noise contract indexes (C, H, W), whatever the memory order."""
+    """The noise contract indexes (C, H, W), whatever the memory order: channels_last draws per
+    element, NCHW per four, and the two agree exactly."""
     shape = (2, 3, 4, 5)
     x, coef = _noise_only(shape, device)
     x = x.contiguous(memory_format=torch.channels_last)
