@@ -128,8 +128,8 @@ def test_group_norm_silu(benchmark, copy_gbps, channels, size, batch, dtype, lay
 @torch.inference_mode()
 def test_reverse_step(benchmark, copy_gbps, channels, size, batch, dtype, sampler, impl):
     """A step with clipping and x̂0 written: DDPM draws noise (σ > 0), DDIM (η = 0) does not, so
-    the pair shows what the in-kernel Philox costs — about 200 instructions per element against
-    8 to 16 bytes moved, which may make the noisy fp16 step compute-bound."""
+    the pair shows what the in-kernel Philox costs (one draw per four elements) against the 8 to
+    16 bytes each element moves — whether the noisy fp16 step stays memory-bound."""
     benchmark.group = f"reverse_step {channels}×{size}² b{batch} {dtype} {sampler}"
     _skip_compile_off_target(impl, batch)
     schedule = Schedule(ScheduleConfig("linear", 1000))
