@@ -4,8 +4,8 @@ Philox4x32-10 (Salmon et al. 2011) with key = seed and counter = (element // 4, 
 stream); Box-Muller on its two word pairs gives four normals, (r₁cos θ₁, r₁sin θ₁, r₂cos θ₂,
 r₂sin θ₂), for elements 4q … 4q+3 — Triton's `randn4x` recipe. One draw serves four elements:
 Philox is most of the reverse step's arithmetic, so the kernel (`gaussian4_triton`) draws once per
-four consecutive elements, and `gaussian_triton` and this torch reference (`gaussian`) give each
-element its own lane of the same draw. A sample's noise depends only on its own index, never on
+four consecutive elements, as does this torch reference (`gaussian`), and `gaussian_triton` gives
+one element its own lane of the same draw. A sample's noise depends only on its own index, never on
 the batch it was drawn in: same seed → same images at any batch size.
 
 `element` is the index in the sample's logical (C, H, W) order, whatever the memory format.
@@ -51,37 +51,36 @@ def _uniform(word: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.int32).to(torch.float32) * 4.6566127342e-10
 
 
-def _normal(seed, elem: torch.Tensor, step, sample: torch.Tensor, stream: int) -> torch.Tensor:
-    """Element e's lane e % 4 of the draw at counter e // 4; seed and step may be ints or int64
-    0-d tensors."""
-    step = torch.as_tensor(step, dtype=torch.int64, device=elem.device).expand_as(elem)
-    w0, w1, w2, w3 = philox4x32(seed, elem >> 2, step, sample, torch.full_like(elem, stream))
-    lane = elem & 3
-    first_pair = lane < 2
-    u1 = _uniform(torch.where(first_pair, w0, w2)).clamp(min=1.0e-7)
-    theta = 6.283185307179586 * _uniform(torch.where(first_pair, w1, w3))
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    return torch.where(lane % 2 == 0, radius * torch.cos(theta), radius * torch.sin(theta))
+def _normal4(seed, quad: torch.Tensor, step, sample: torch.Tensor, stream: int) -> torch.Tensor:
+    """The four normals of each draw, (…, 4·Q) in element order for quad counters (…, Q); seed
+    and step may be ints or int64 0-d tensors."""
+    step = torch.as_tensor(step, dtype=torch.int64, device=quad.device).expand_as(quad)
+    w0, w1, w2, w3 = philox4x32(seed, quad, step, sample, torch.full_like(quad, stream))
+    normals = []
+    for a, b in ((w0, w1), (w2, w3)):
+        radius = torch.sqrt(-2.0 * torch.log(_uniform(a).clamp(min=1.0e-7)))
+        theta = 6.283185307179586 * _uniform(b)
+        normals += [radius * torch.cos(theta), radius * torch.sin(theta)]
+    return torch.stack(normals, dim=-1).flatten(-2)
 
 
-def _counters(first, batch: int, shape: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(element, global sample index) counters, each (batch, numel)."""
+def _noise(seed, sample: torch.Tensor, step, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, *shape) float32 for global sample indices (B,): one draw per four elements of a
+    sample, the last draw cut to the sample's size."""
     numel = 1
     for n in shape:
         numel *= n
-    elem = torch.arange(numel, dtype=torch.int64, device=device).expand(batch, numel)
-    sample = (first + torch.arange(batch, dtype=torch.int64, device=device)).view(-1, 1)
-    return elem, sample.expand_as(elem)
+    quads = (numel + 3) // 4
+    quad = torch.arange(quads, dtype=torch.int64, device=sample.device).expand(len(sample), quads)
+    z = _normal4(seed, quad, step, sample.view(-1, 1).expand_as(quad), stream)
+    return z[:, :numel].reshape(len(sample), *shape)
 
 
 def gaussian(seed: int, sample_index: torch.Tensor, step: int, shape: tuple[int, ...],
              stream: int = STEP_STREAM, device=None) -> torch.Tensor:
     """float32 N(0,1) of shape (len(sample_index), *shape) for global sample indices (B,)."""
     device = device if device is not None else sample_index.device
-    elem, _ = _counters(0, len(sample_index), shape, device)
-    sample = sample_index.to(device, torch.int64).view(-1, 1).expand_as(elem)
-    z = _normal(int(seed), elem, step, sample, stream)
-    return z.view(len(sample_index), *shape)
+    return _noise(int(seed), sample_index.to(device, torch.int64), step, stream, shape)
 
 
 def step_noise(rng: torch.Tensor, step: torch.Tensor, batch: int,
@@ -90,9 +89,8 @@ def step_noise(rng: torch.Tensor, step: torch.Tensor, batch: int,
     `gaussian(rng[0], rng[1] + arange(batch), step[0], shape, STEP_STREAM)`.
 
     rng: int64 (2,) = (seed, global index of the batch's first sample); step: int64 (1,)."""
-    elem, sample = _counters(rng[1], batch, shape, rng.device)
-    z = _normal(rng[0], elem, step.view(()), sample, STEP_STREAM)
-    return z.view(batch, *shape)
+    sample = rng[1] + torch.arange(batch, dtype=torch.int64, device=rng.device)
+    return _noise(rng[0], sample, step.view(()), STEP_STREAM, shape)
 
 
 if HAS_TRITON:
