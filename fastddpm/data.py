@@ -2,8 +2,8 @@
 
 Built in: `digits`, the 1,797 8×8 handwritten digits scikit-learn ships (16 grey levels),
 upsampled to the model size, with a fixed, seeded held-out split. From the user: a folder of
-PNG/JPEG images, CIFAR-10's python batches (`data_batch_*`), or an `.npz` array. Bad data is
-refused with one line before any training starts.
+PNG/JPEG images, CIFAR-10's python batches (`data_batch_*` to train on, `test_batch` held out),
+or an `.npz` array. Bad data is refused with one line before any training starts.
 """
 from __future__ import annotations
 
@@ -97,10 +97,13 @@ def _folder(path: Path, size: int, channels: int) -> torch.Tensor:
     return _from_uint8(np.stack(images), size, channels, str(path))
 
 
-def _cifar(path: Path, size: int, channels: int) -> torch.Tensor:
-    batches = sorted(path.glob("data_batch_*"))
+def _is_cifar(path: Path) -> bool:
+    return any(path.glob("data_batch_*")) or (path / "test_batch").is_file()
+
+
+def _cifar_batches(files: list[Path], size: int, channels: int) -> torch.Tensor:
     parts = []
-    for b in batches:
+    for b in files:
         try:
             with open(b, "rb") as f:
                 # CIFAR's own format is a pickle of plain dicts and arrays: refuse anything else
@@ -108,7 +111,18 @@ def _cifar(path: Path, size: int, channels: int) -> torch.Tensor:
             parts.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
             raise UserError(f"{b} is not a CIFAR-10 python batch ({e})") from None
-    return _from_uint8(np.concatenate(parts), size, channels, str(path))
+    if not parts:
+        return torch.empty(0, channels, size, size)
+    return _from_uint8(np.concatenate(parts), size, channels, str(files[0].parent))
+
+
+def _cifar(path: Path, size: int, channels: int) -> Dataset:
+    """data_batch_* are the training split; test_batch, where present, is the held-out one (the
+    paper's train / test), else a sixth of the training batches is held out."""
+    train = _cifar_batches(sorted(path.glob("data_batch_*")), size, channels)
+    if not (path / "test_batch").is_file():
+        return _split(train, None)
+    return Dataset(train, _cifar_batches([path / "test_batch"], size, channels))
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -136,7 +150,9 @@ def load(source: str, size: int, channels: int) -> Dataset:
         raise UserError(f"data {source} not found; pass 'digits', a folder of images, a CIFAR-10 "
                         "python folder or an .npz file")
     if path.is_dir():
-        x = _cifar(path, size, channels) if any(path.glob("data_batch_*")) else _folder(path, size, channels)
+        if _is_cifar(path):
+            return _cifar(path, size, channels)
+        x = _folder(path, size, channels)
     elif path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:

@@ -18,6 +18,7 @@ from .dispatch import HAS_TRITON
 
 STEP_STREAM = 0  # z of the reverse steps
 INIT_STREAM = 1  # x_T
+FORWARD_STREAM = 2  # ε of x_t ~ q(x_t | x0) in the likelihood bound (counted by t)
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -76,9 +77,10 @@ def _noise(seed, sample: torch.Tensor, step, stream: int, shape: tuple[int, ...]
     return z[:, :numel].reshape(len(sample), *shape)
 
 
-def gaussian(seed: int, sample_index: torch.Tensor, step: int, shape: tuple[int, ...],
+def gaussian(seed: int, sample_index: torch.Tensor, step: int | torch.Tensor, shape: tuple[int, ...],
              stream: int = STEP_STREAM, device=None) -> torch.Tensor:
-    """float32 N(0,1) of shape (len(sample_index), *shape) for global sample indices (B,)."""
+    """float32 N(0,1) of shape (len(sample_index), *shape) for global sample indices (B,);
+    `step` is one int, or a (B, 1) int64 tensor of a step per sample."""
     device = device if device is not None else sample_index.device
     return _noise(int(seed), sample_index.to(device, torch.int64), step, stream, shape)
 

@@ -57,6 +57,23 @@ def test_cifar_batches(tmp_path):
     assert len(ds.train) + len(ds.heldout) == 6 and ds.train.shape[1:] == (3, 32, 32)
 
 
+def test_cifar_test_batch_is_the_heldout_split(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(1)
+    train, test = (rng.integers(0, 255, (n, 3072), dtype=np.uint8) for n in (6, 4))
+    for name, arr in (("data_batch_1", train), ("test_batch", test)):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({b"data": arr, b"labels": [0] * len(arr)}, f)
+    ds = data.load(str(tmp_path), 32, 3)
+    as_images = lambda a: torch.from_numpy(a.reshape(-1, 3, 32, 32)).float() / 127.5 - 1  # noqa: E731
+    torch.testing.assert_close(ds.train, as_images(train))  # all of the training batches, in order
+    torch.testing.assert_close(ds.heldout, as_images(test))
+    (tmp_path / "data_batch_1").unlink()  # a folder with the test batch alone still loads
+    only_test = data.load(str(tmp_path), 32, 3)
+    assert len(only_test.train) == 0 and torch.equal(only_test.heldout, ds.heldout)
+
+
 def test_cifar_batch_that_runs_code_is_refused(tmp_path):
     import os
     import pickle

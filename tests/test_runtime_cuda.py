@@ -1,7 +1,7 @@
 """The sampling loop on a GPU with the bundled model: CUDA-graph replay against the plain loop,
 one graph replayed for new seeds and new sample ranges, batch-size independence, CUDA against the
-CPU, fp16/bf16, and the compiled backend inside the graph. Skipped without CUDA; run with
-`pytest -m gpu` (benchmarks/gpu_suite.sh does)."""
+CPU, fp16/bf16, the compiled backend inside the graph, and the bits/dim bound. Skipped without
+CUDA; run with `pytest -m gpu` (benchmarks/gpu_suite.sh does)."""
 import pytest
 import torch
 
@@ -91,3 +91,14 @@ def test_progressive_x0_reaches_every_step_under_the_graph(model):
     # the last x̂0 is the image: DDIM's final step returns its x̂0
     torch.testing.assert_close(seen[-1][1], out, rtol=1e-5, atol=1e-5)
     assert (seen[0][1] - seen[-1][1]).abs().mean() > 1e-3  # and the early ones are not it yet
+
+
+def test_bits_per_dim_on_cuda_equals_the_cpu(model, strict_fp32):
+    """The bound's N·T terms on the GPU: same x_t (counter-based noise), same terms."""
+    from fastddpm.likelihood import bits_per_dim
+
+    images = sample(model, num=3, steps=10, sampler="ddim", seed=4, device="cpu")
+    gpu = bits_per_dim(model, images, seed=1, device="cuda", batch_size=512)
+    cpu = bits_per_dim(model, images, seed=1, device="cpu", batch_size=512)
+    assert torch.isfinite(gpu.terms).all()
+    torch.testing.assert_close(gpu.terms, cpu.terms, rtol=1e-4, atol=1e-7)
