@@ -3,19 +3,17 @@
 `runner(**inputs) -> {output name: tensor}` with inputs named as in onnx_graphs (x, t / x, step,
 noise[, x0_prev]); every output has the shape of `x`. `OrtRunner` runs ONNX Runtime with
 IOBinding on torch buffers, on the CPU and on CUDA alike; `tensorrt.TensorRTRunner` is the same
-contract over a TensorRT engine. `make_export_denoiser` turns either into a `denoise(x, t)` backend.
+contract over a TensorRT engine. `export.backend` turns either into a `denoise(x, t)` backend.
 """
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fastddpm.errors import UserError
-from fastddpm.model import DiffusionModel
 
 ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
               "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64}
@@ -115,31 +113,3 @@ class OrtRunner:
         if cuda:
             current.wait_stream(self._stream)
         return outs
-
-
-def make_export_denoiser(model: DiffusionModel, backend: str, device: torch.device,
-                         dtype: torch.dtype):
-    """`denoise(x, t)` over the model's ε graph, exported now into a temp folder and validated."""
-    from fastddpm.runtime import DTYPES
-
-    from .onnx import OnnxOptions, export_onnx
-
-    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
-    workdir = tempfile.TemporaryDirectory(prefix="fastddpm-")
-    onnx_path = Path(workdir.name) / "eps.onnx"
-    export_onnx(model, onnx_path, OnnxOptions(dtype=dtype_name, what="eps"), log=None)
-    if backend == "tensorrt":
-        from .tensorrt import TensorRTRunner, build_engine
-
-        plan = Path(workdir.name) / "eps.plan"
-        build_engine(onnx_path, plan, batch_range=(1, 256))
-        runner = TensorRTRunner(plan, device)
-    else:
-        runner = OrtRunner(onnx_path, device)
-
-    @torch.inference_mode()
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return runner(x=x, t=t)["eps"].to(x.device)
-
-    denoise.workdir = workdir  # the artifacts live as long as the denoiser
-    return denoise

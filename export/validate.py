@@ -17,6 +17,7 @@ from fastddpm.samplers import COEF_FIELDS, SamplerTable
 from fastddpm.unet import UNet
 
 from .onnx_graphs import TRACE_BATCH, StepGraph, example_inputs
+from .runners import OrtRunner, import_onnxruntime
 
 # max error (as above) an export may show against PyTorch fp32, per graph dtype: fp32 leaves
 # only summation order; fp16 / bf16 carry 11 / 8 significant bits through ~30 layers
@@ -72,8 +73,6 @@ def compare(run, unet: UNet, graph: str, dtype: str, batch: int | None,
 def validation_device(dtype: str) -> torch.device:
     """Where ONNX Runtime validates: CUDA when both torch and ORT have it, else the CPU — which
     has no bfloat16 kernels (Gemm, Conv), so a bf16 export is refused there before the trace."""
-    from .runners import import_onnxruntime
-
     ort = import_onnxruntime()
     if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
         return torch.device("cuda")
@@ -88,8 +87,6 @@ def validate(path: Path, unet: UNet, graph: str, dtype: str, batch: int | None,
              table: SamplerTable | None = None) -> str:
     """Run the ONNX file at `path` with ONNX Runtime (CUDA EP if usable, else CPU) against the
     fp32 `unet`; UserError above tolerance, else a one-line report."""
-    from .runners import OrtRunner
-
     device = validation_device(dtype)
     runner = OrtRunner(path, device)
 

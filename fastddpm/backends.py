@@ -48,7 +48,7 @@ def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
         from .export import require_onnx_export
 
         require_onnx_export(f"the {backend} backend")  # it runs our ONNX export of the model
-        from .export.runners import make_export_denoiser
+        from .export.backend import make_export_denoiser
 
         return make_export_denoiser(model, backend, device, dtype)
     unet = model.unet

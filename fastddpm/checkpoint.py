@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
-import zipfile
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, read_torch_file
+from .interop import from_state_dict, load_folder
 from .model import DiffusionModel, SamplingDefaults
-from .schedule import Schedule, ScheduleConfig
-from .unet import UNet, UNetConfig
+from .schedule import ScheduleConfig
+from .unet import UNetConfig
 
 FORMAT = "fastddpm"
 VERSION = 1
@@ -60,48 +58,12 @@ def from_parts(header: dict, state: dict, where: str) -> DiffusionModel:
         raise UserError(f"{where} was written by a newer fastddpm (format version "
                         f"{header['version']}); upgrade fastddpm")
     try:
-        unet = UNet(UNetConfig.from_dict(header["unet"]))
-        schedule = Schedule(ScheduleConfig.from_dict(header["schedule"]))
-        sampling = SamplingDefaults.from_dict(header.get("sampling", {}))
+        return DiffusionModel.from_weights(UNetConfig.from_dict(header["unet"]),
+                                           ScheduleConfig.from_dict(header["schedule"]),
+                                           SamplingDefaults.from_dict(header.get("sampling", {})),
+                                           state, where)
     except (KeyError, TypeError) as e:
         raise UserError(f"{where} has a damaged header ({e}); re-export or re-train the model") from None
-    load_state(unet, state, where)
-    unet.eval()
-    return DiffusionModel(unet, schedule, sampling)
-
-
-def load_state(unet: torch.nn.Module, state: dict, where: str) -> None:
-    """Strict load naming the first missing, unexpected or mis-shaped key."""
-    expected = unet.state_dict()
-    for key, value in expected.items():
-        if key not in state:
-            raise UserError(f"{where}: missing weight {key!r}")
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise UserError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, "
-                            f"the config needs {tuple(value.shape)}")
-    for key in state:
-        if key not in expected:
-            raise UserError(f"{where}: unexpected weight {key!r}")
-    unet.load_state_dict(state)
-
-
-def read_torch_file(path: Path) -> object:
-    """`torch.load` with weights_only=True: plain data and tensors only, no code ever runs.
-    Every failure is one line that says what the file is not."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if refused:  # a pickle that names code to run: refused before anything ran
-            raise UserError(f"{path} holds Python objects that safe loading refuses "
-                            f"({refused.group(1)}); it is not a plain model file — do not load "
-                            "files you don't trust") from None
-        raise UserError(f"{path} is not a readable model file (truncated or corrupt)") from None
-    # random bytes can trip the unpickler in many ways (an empty stack, an absent memo entry)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
-            KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} is not a readable model file (truncated or corrupt: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
 
 
 def _read_torch(path: Path) -> tuple[dict | None, dict]:
@@ -149,8 +111,6 @@ def load(path: str | os.PathLike = DEFAULT_NAME, device: str | torch.device = "c
                             "reinstall fastddpm or pass --model PATH")
     path = Path(path)
     if path.is_dir():  # a diffusers model or pipeline folder
-        from .interop import load_folder
-
         model = load_folder(path)
     else:
         model = _load_file(path)
@@ -165,7 +125,5 @@ def _load_file(path: Path) -> DiffusionModel:
         raise UserError(f"cannot read model file {path}: permission denied")
     header, state = (_read_safetensors if path.suffix == ".safetensors" else _read_torch)(path)
     if header is None:  # a bare state dict, e.g. the original DDPM checkpoints' PyTorch port
-        from .interop import from_state_dict
-
         return from_state_dict(state, str(path))
     return from_parts(header, state, str(path))

@@ -1,11 +1,17 @@
-"""Writing files so that a crash or a bad argument never half-writes or loses a user's file."""
+"""Files a user hands us or gets back: writes that a crash or a bad argument can never leave
+half-done (nor lose the file they replace), and torch files read so that no code in them runs."""
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import shutil
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from .errors import UserError
 
@@ -88,3 +94,22 @@ def _open_like_new_files(target: Path) -> None:
     os.umask(umask)
     for item in [target, *(target.rglob("*") if target.is_dir() else [])]:
         os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def read_torch_file(path: Path) -> object:
+    """`torch.load` with weights_only=True: plain data and tensors only, no code ever runs.
+    Every failure is one line that says what the file is not."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused:  # a pickle that names code to run: refused before anything ran
+            raise UserError(f"{path} holds Python objects that safe loading refuses "
+                            f"({refused.group(1)}); it is not a plain model file — do not load "
+                            "files you don't trust") from None
+        raise UserError(f"{path} is not a readable model file (truncated or corrupt)") from None
+    # random bytes can trip the unpickler in many ways (an empty stack, an absent memo entry)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError,
+            KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is not a readable model file (truncated or corrupt: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .errors import UserError
 from .samplers import VARIANCES, SamplerTable, make_table
 from .schedule import Schedule, ScheduleConfig
@@ -40,6 +42,14 @@ class DiffusionModel:
         """A freshly initialised model (random weights)."""
         return cls(UNet(unet_config), Schedule(schedule_config), sampling)
 
+    @classmethod
+    def from_weights(cls, unet_config: UNetConfig, schedule_config: ScheduleConfig,
+                     sampling: SamplingDefaults, state: dict, where: str) -> DiffusionModel:
+        """A model around trained weights, in eval mode (`where` names their source in errors)."""
+        unet = UNet(unet_config)
+        load_weights(unet, state, where)
+        return cls(unet.eval(), Schedule(schedule_config), sampling)
+
     @property
     def config(self) -> UNetConfig:
         return self.unet.config
@@ -51,3 +61,18 @@ class DiffusionModel:
         `start=t` begins the chain at x_t."""
         return make_table(self.schedule, sampler, steps, eta, spacing, self.sampling.variance,
                           self.sampling.clip if clip is None else clip, start)
+
+
+def load_weights(unet: torch.nn.Module, state: dict, where: str) -> None:
+    """Strict load naming the first missing, unexpected or mis-shaped key."""
+    expected = unet.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise UserError(f"{where}: missing weight {key!r}")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, "
+                            f"the config needs {tuple(value.shape)}")
+    for key in state:
+        if key not in expected:
+            raise UserError(f"{where}: unexpected weight {key!r}")
+    unet.load_state_dict(state)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FORMAT, VERSION, from_parts, read_torch_file
 from ..errors import UserError
-from ..files import atomic_folder
+from ..files import atomic_folder, read_torch_file
 from ..model import DiffusionModel
 from .diffusers_config import (
     DIFFUSERS_VERSION,
@@ -120,9 +119,7 @@ def load_folder(folder: str | Path) -> DiffusionModel:
     shapes = our_shapes(unet_config)
     params = param_map(shapes, DIFFUSERS, len(unet_config.channel_mult))
     ours = to_ours(state, params, shapes, str(weights_path))
-    header = {"format": FORMAT, "version": VERSION, "unet": unet_config.to_dict(),
-              "schedule": schedule.to_dict(), "sampling": sampling.to_dict()}
-    return from_parts(header, ours, str(folder))
+    return DiffusionModel.from_weights(unet_config, schedule, sampling, ours, str(folder))
 
 
 def save_folder(model: DiffusionModel, folder: str | Path) -> Path:

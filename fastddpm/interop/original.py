@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpoint import FORMAT, VERSION, from_parts
 from ..errors import UserError
 from ..model import DiffusionModel, SamplingDefaults
 from ..schedule import ScheduleConfig
@@ -60,6 +59,4 @@ def from_original_state_dict(state: dict[str, torch.Tensor], where: str) -> Diff
     shapes = our_shapes(cfg)
     ours = to_ours(state, param_map(shapes, ORIGINAL, len(cfg.channel_mult)), shapes, where)
     sampling = SamplingDefaults("fixed_large" if cfg.image_size == 32 else "fixed_small", clip=True)
-    header = {"format": FORMAT, "version": VERSION, "unet": cfg.to_dict(),
-              "schedule": ScheduleConfig().to_dict(), "sampling": sampling.to_dict()}
-    return from_parts(header, ours, where)
+    return DiffusionModel.from_weights(cfg, ScheduleConfig(), sampling, ours, where)
