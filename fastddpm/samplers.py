@@ -108,7 +108,13 @@ def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
 
 def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
                eta: float = 0.0, clip: bool = True, start: int | None = None) -> SamplerTable:
-    """DDIM (Song et al. 2021, eq. 12) from each visited t to the next visited one.
+    """DDIM (Song et al. 2021, eq. 12) from each visited t to the next visited one:
+    x_prev = √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z, with ε̂ = (x_t − √ᾱ_t x̂0)/√(1 − ᾱ_t) the
+    noise that the (possibly clipped) x̂0 implies, so the update is linear in x̂0 and x_t alone,
+    like DDPM's posterior mean. Unclipped, ε̂ is the model's ε; clipped, it keeps x̂0 and the
+    direction to x_t consistent (GLIDE; diffusers' `use_clipped_model_output=True`). With the
+    model's raw ε beside a clipped x̂0 instead, deterministic DDIM drifts as steps grow (see the
+    bundled model's quality_vs_steps).
 
     diffusers steps back by T // steps whatever the spacing; for 'leading' and 'trailing' that is
     the next visited step, for 'linspace' it is not, and we follow the paper."""
@@ -118,8 +124,9 @@ def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     # σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (eq. 16)
     sigma = eta * ((1.0 - ac_prev) / (1.0 - ac_t) * (1.0 - ac_t / ac_prev)).sqrt()
-    c = (1.0 - ac_prev - sigma**2).clamp(min=0.0).sqrt()
-    return _table("ddim", ts, clip, ac_t, a=ac_prev.sqrt(), c=c, sigma=sigma)
+    direction = (1.0 - ac_prev - sigma**2).clamp(min=0.0).sqrt() / (1.0 - ac_t).sqrt()
+    return _table("ddim", ts, clip, ac_t, a=ac_prev.sqrt() - direction * ac_t.sqrt(), b=direction,
+                  sigma=sigma)
 
 
 def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",

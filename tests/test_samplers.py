@@ -90,7 +90,8 @@ def test_ddim_matches_diffusers(eta, clip, spacing, steps):
     ours = _run_ours(table, x.clone(), zs)[:n]
     theirs, xd = [], x.clone()
     for i, t in enumerate(sched.timesteps[:n].tolist()):
-        xd = sched.step(_eps(xd, t), t, xd, eta=eta, variance_noise=zs[i]).prev_sample
+        xd = sched.step(_eps(xd, t), t, xd, eta=eta, variance_noise=zs[i],
+                        use_clipped_model_output=True).prev_sample
         theirs.append(xd)
     _assert_trajectories_close(ours, theirs)
 
