@@ -84,8 +84,9 @@ def prior_bits(schedule: Schedule, x0: torch.Tensor) -> torch.Tensor:
 
 def bound_terms(denoise: Denoiser, schedule: Schedule, variance: str, clip: bool,
                 x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """One term of the bound per row, in bits/dim: L_0 where t = 0, else L_t (the paper's
-    L_{t−1} at its t = t + 1). x0 (B, C, H, W) on the 8-bit grid, t (B,) int64, noise (B, C, H, W)."""
+    """One term of the bound per row, in bits/dim, for array timestep t (the paper's t + 1): the
+    decoder L_0 where t = 0, else L_t, the KL term of the paper's step t + 1 → t.
+    x0 (B, C, H, W) on the 8-bit grid, t (B,) int64, noise (B, C, H, W)."""
     x0 = x0.double()
     x_t = schedule.q_sample(x0, t.cpu(), noise.double())
     eps = denoise(x_t.float(), t).double()
@@ -128,7 +129,7 @@ class Bound:
                 "distortion": self.terms[:, 0].mean().item(), "prior": self.prior.mean().item()}
 
 
-def check_images(model: DiffusionModel, images: torch.Tensor) -> None:
+def _check_images(model: DiffusionModel, images: torch.Tensor) -> None:
     cfg = model.config
     want = (cfg.in_channels, cfg.image_size, cfg.image_size)
     if images.ndim != 4 or tuple(images.shape[1:]) != want or len(images) == 0:
@@ -144,7 +145,7 @@ def bits_per_dim(model: DiffusionModel, images: torch.Tensor, seed: int = 0,
                  progress: bool = False) -> Bound:
     """The bound for each of `images` (N, C, H, W) in [−1, 1] (rounded to 8 bits first): all T
     terms, N·T ε evaluations, run as batches of `batch_size` (image, t) pairs."""
-    check_images(model, images)
+    _check_images(model, images)
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
     dev = resolve_device(device)

@@ -17,3 +17,5 @@ checkpoint.save(checkpoint.load(sys.argv[1]), 'fastddpm/assets/digits.safetensor
 
 fastddpm eval --model default --num 1000 --steps 1000 --sampler ddpm --seed 0 --batch-size 500 \
     --grid "$here/samples.png" > "$here/eval.json"
+fastddpm eval --bpd --model default --seed 0 > "$here/bpd.json"
+python benchmarks/quality_vs_steps.py --out "$here/quality_vs_steps"
