@@ -7,6 +7,9 @@ For step i (sampling order, i = 0 is the noisiest) at model timestep t_i, steppi
     x_prev = a · x̂0 + b · x_t + c · ε + d · x̂0_prev + σ · z,   z ~ N(0, I)
 
 `kernels.reverse_step` evaluates exactly this, reading row i of `coef` (columns COEF_FIELDS).
+The built-in samplers step from x̂0 and x_t alone (c = 0): DDPM's posterior mean, DDIM with the
+ε that x̂0 implies, DPM-Solver++'s data prediction; c·ε is there for updates that take the
+model's raw ε beside x̂0.
 """
 from __future__ import annotations
 

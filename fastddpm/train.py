@@ -7,6 +7,8 @@ min(d, (1+n)/(10+n))), autocast on the GPU, DistributedDataParallel under torchr
 RUN_DIR holds `model.pt` (EMA weights; `fastddpm sample --model RUN_DIR/model.pt`), `state.pt`
 (everything needed to resume exactly: weights, EMA, optimizer, step, every RNG state),
 `log.jsonl`, `config.json` and `samples/step_N.png`. Both checkpoints are written atomically.
+`log.jsonl` has the training loss at every log step and, at every save, the held-out loss: L_simple
+of the EMA weights on fixed (x0, t, ε) triples from the data's held-out split.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from .unet import UNet, UNetConfig, named_config
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_FORMAT = "fastddpm-train-state"
+HELDOUT_PAIRS = 512  # (x0, t, ε) triples of the held-out loss, drawn once per run
+HELDOUT_SEED = 1234
 
 
 @dataclass
@@ -216,6 +220,7 @@ class Trainer:
         if self.dist.world > 1:
             dist.barrier()  # rank 0 has created the folder
         self.train_images = ds.train.to(device)
+        self.heldout = heldout_triples(ds.heldout, self.schedule, device) if self.dist.main else None
         self.model = self.unet
         if self.dist.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -310,6 +315,15 @@ class Trainer:
                             f"checkpoint in {self.out} is kept — lower --lr")
         return loss.item()
 
+    @torch.no_grad()
+    def heldout_loss(self) -> float:
+        """L_simple of the EMA weights on the run's fixed held-out triples."""
+        x_t, t, noise = self.heldout
+        size = self.cfg.batch_size
+        squares = sum(F.mse_loss(self.ema(x_t[i:i + size], t[i:i + size]).float(), noise[i:i + size],
+                                 reduction="sum").item() for i in range(0, len(t), size))
+        return squares / noise.numel()
+
     def sample_grid(self) -> None:
         model = DiffusionModel(self.ema, self.schedule, self.sampling)
         x = sample(model, num=64, steps=min(100, self.schedule.num_timesteps), sampler="ddim",
@@ -336,13 +350,15 @@ class Trainer:
                 save_now = self.step % cfg.save_every == 0 or last
                 if log_now or save_now:
                     value = self.checked_loss(loss)  # never save or log past a NaN
-                if log_now:
-                    bar.set_postfix(loss=f"{value:.4f}")
-                    if log:
-                        rate = (self.step - start_step) / (time.perf_counter() - start)
-                        log.write(json.dumps({"step": self.step, "loss": value, "it_per_s": rate,
-                                              "lr": self.opt.param_groups[0]["lr"]}) + "\n")
-                        log.flush()
+                if log and (log_now or save_now):
+                    rate = (self.step - start_step) / (time.perf_counter() - start)
+                    record = {"step": self.step, "loss": value, "it_per_s": rate,
+                              "lr": self.opt.param_groups[0]["lr"]}
+                    if save_now and self.heldout is not None:
+                        record["heldout_loss"] = self.heldout_loss()
+                    bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "heldout_loss") if k in record})
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 if save_now:
                     self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.dist.main:
@@ -357,6 +373,20 @@ class Trainer:
                 # latest collectives' work (see _Dist), rather than in whatever order later
                 self.model = self.unet
                 gc.collect()
+
+
+def heldout_triples(images: torch.Tensor, schedule: Schedule,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """HELDOUT_PAIRS fixed (x_t, t, ε) from the held-out images (cycled, or the first ones):
+    the same at every evaluation of a run, so two checkpoints' losses differ by their weights
+    alone. None without held-out images."""
+    if len(images) == 0:
+        return None
+    gen = torch.Generator().manual_seed(HELDOUT_SEED)
+    x0 = images[torch.arange(HELDOUT_PAIRS) % len(images)]
+    t = torch.randint(0, schedule.num_timesteps, (HELDOUT_PAIRS,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    return schedule.q_sample(x0, t, noise).to(device), t.to(device), noise.to(device)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from fastddpm import checkpoint
+from fastddpm import checkpoint, data
 from fastddpm.cli import main
-from fastddpm.train import TrainConfig, Trainer
+from fastddpm.train import TrainConfig, Trainer, heldout_triples
 
 TINY = {"image_size": 8, "in_channels": 1, "out_channels": 1, "base_channels": 8,
         "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "groups": 4,
@@ -52,6 +52,14 @@ def test_resume_continues_exactly(tmp_path, unet_json):
     assert torch.equal(model.unet.state_dict()["conv_out.weight"], a["ema_state"]["conv_out.weight"])
     log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    # at each save, the EMA weights' L_simple on the run's fixed held-out triples
+    assert [r["step"] for r in log if "heldout_loss" in r] == [3, 6]
+    x_t, t, noise = heldout_triples(data.digits(8).heldout, model.schedule, torch.device("cpu"))
+    with torch.no_grad():
+        want = torch.nn.functional.mse_loss(model.unet(x_t, t), noise).item()
+    assert log[-1]["heldout_loss"] == pytest.approx(want, rel=1e-5)
+    straight = (tmp_path / "straight" / "log.jsonl").read_text().splitlines()
+    assert json.loads(straight[-1])["heldout_loss"] == log[-1]["heldout_loss"]  # resumed: same weights
 
 
 # Runs `fastddpm train` with torch.save wrapped: at the n-th write of `target`'s temp file the
