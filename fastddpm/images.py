@@ -60,12 +60,13 @@ def check_output(path: str | Path) -> str:
     return fmt
 
 
-def save(images: torch.Tensor, path: str | Path) -> None:
-    """Write `images` to `path` in the format its name says (see `output_format`)."""
+def save(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """Write `images` to `path` in the format its name says (see `output_format`); a PNG grid
+    has `nrow` images per row (default ≈ √N)."""
     fmt = check_output(path)
     if fmt == "png":
         with atomic_write(path) as tmp:
-            grid(images).save(tmp, format="PNG")
+            grid(images, nrow).save(tmp, format="PNG")
     elif fmt == "npz":
         with atomic_write(path) as tmp:
             with open(tmp, "wb") as f:

@@ -17,7 +17,7 @@ from .backends import resolve_device
 from .errors import UserError
 from .kernels.noise import INIT_STREAM
 from .model import DiffusionModel
-from .runtime import Sampler
+from .runtime import DTYPES, Sampler, check_request
 
 
 def _model(model: DiffusionModel | str | None) -> DiffusionModel:
@@ -28,17 +28,21 @@ def _model(model: DiffusionModel | str | None) -> DiffusionModel:
 
 def progressive(model: DiffusionModel | str | None = None, num: int = 8, snapshots: int = 10,
                 steps: int | None = None, sampler: str = "ddpm", seed: int = 0,
-                device: str | torch.device | None = None) -> torch.Tensor:
-    """x̂0 predictions at `snapshots` evenly spaced steps (the last is the sample itself).
+                device: str | torch.device | None = None, eta: float = 0.0,
+                spacing: str = "leading", clip: bool | None = None, backend: str = "torch",
+                dtype: str = "fp32", cuda_graph: bool = True) -> torch.Tensor:
+    """x̂0 predictions at `snapshots` evenly spaced steps (the last is the sample itself), for
+    samples 0 … num−1 of `seed` drawn as `runtime.sample` draws them (same arguments).
     Returns float32 CPU (snapshots, num, C, H, W) in [−1, 1]."""
+    check_request(num, seed, dtype)
     model = _model(model)
-    table = model.table(sampler, steps)
+    table = model.table(sampler, steps, eta, spacing, clip)
     if not 1 <= snapshots <= table.num_steps:
         raise UserError(f"snapshots must be between 1 and {table.num_steps}, got {snapshots}")
     last = table.num_steps - 1
     keep = {round(last * (k + 1) / snapshots) for k in range(snapshots)}
     frames = []
-    runner = Sampler(model, table, resolve_device(device))
+    runner = Sampler(model, table, resolve_device(device), DTYPES[dtype], backend, cuda_graph)
     runner.run(seed, 0, num, on_step=lambda i, x0: frames.append(x0.to("cpu", torch.float32, copy=True))
                if i in keep else None)
     return torch.stack(frames).clamp(-1, 1)

@@ -124,6 +124,16 @@ class Sampler:
         return buf.x.clone()
 
 
+def check_request(num: int, seed: int, dtype: str) -> None:
+    """One-line errors for the arguments every way of drawing images takes."""
+    if num <= 0:
+        raise UserError(f"num must be positive, got {num}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not 0 <= seed < 2**63:
+        raise UserError(f"seed must be in [0, 2^63), got {seed}")
+
+
 def sample(model: DiffusionModel | str | None = None, num: int = 64, steps: int | None = None,
            sampler: str = "ddpm", eta: float = 0.0, seed: int = 0,
            device: str | torch.device | None = None, batch_size: int | None = None,
@@ -136,14 +146,9 @@ def sample(model: DiffusionModel | str | None = None, num: int = 64, steps: int 
     Sample k of seed s is the same image whatever `batch_size` (default: min(num, 256))."""
     from .checkpoint import load
 
-    if num <= 0:
-        raise UserError(f"num must be positive, got {num}")
+    check_request(num, seed, dtype)
     if batch_size is not None and batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if not 0 <= seed < 2**63:
-        raise UserError(f"seed must be in [0, 2^63), got {seed}")
     dev = resolve_device(device)
     if not isinstance(model, DiffusionModel):
         model = load(model or "default")

@@ -5,8 +5,9 @@ import argparse
 import sys
 import time
 
-from . import images
+from . import images, paper
 from .backends import BACKENDS
+from .errors import UserError
 from .runtime import DTYPES, sample
 from .samplers import SAMPLERS, SPACINGS
 
@@ -32,10 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples.png",
                    help="*.png (a grid), *.npz (uint8 NHWC array) or DIR/ (one PNG per image)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--progressive", type=int, default=None, metavar="K",
+                   help="instead, the predicted x0 at K evenly spaced steps as sampling goes (the "
+                        "paper's Fig. 6): a PNG grid, a row per image, the last column the sample")
 
 
 def run(args: argparse.Namespace) -> int:
-    images.check_output(args.out)  # fail before minutes of sampling, not after
+    fmt = images.check_output(args.out)  # fail before minutes of sampling, not after
+    if args.progressive is not None:
+        return _progressive(args, fmt)
     start = time.perf_counter()
     x = sample(args.model, num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta,
                seed=args.seed, device=args.device, batch_size=args.batch_size,
@@ -45,4 +51,20 @@ def run(args: argparse.Namespace) -> int:
     images.save(x, args.out)
     print(f"wrote {len(x)} images to {args.out} ({elapsed:.1f} s, {len(x) / elapsed:.2f} img/s)",
           file=sys.stderr)
+    return 0
+
+
+def _progressive(args: argparse.Namespace, fmt: str) -> int:
+    if fmt != "png":
+        raise UserError("--progressive draws a PNG grid (a row per image, a column per snapshot); "
+                        "end --out in .png")
+    if args.batch_size is not None:
+        raise UserError("--progressive draws its --num images in one batch; drop --batch-size")
+    frames = paper.progressive(args.model, num=args.num, snapshots=args.progressive,
+                               steps=args.steps, sampler=args.sampler, seed=args.seed,
+                               device=args.device, eta=args.eta, spacing=args.spacing,
+                               clip=args.clip, backend=args.backend, dtype=args.dtype,
+                               cuda_graph=not args.no_cuda_graph)
+    images.save(frames.transpose(0, 1).flatten(0, 1), args.out, nrow=args.progressive)
+    print(f"wrote {args.num} images × {args.progressive} snapshots to {args.out}", file=sys.stderr)
     return 0

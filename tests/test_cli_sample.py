@@ -54,6 +54,34 @@ def test_writes_npz_and_folder(model_path, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pngs" / "000001.png")), arr[1])
 
 
+def test_progressive_grid_rows_are_images_ending_in_the_sample(model_path, tmp_path, capsys):
+    args = ["--model", str(model_path), "--num", "3", "--steps", "6", "--sampler", "ddim",
+            "--eta", "0.5", "--seed", "4"]
+    code, err = _run(capsys, *args, "--progressive", "4", "--out", str(tmp_path / "prog.png"))
+    assert code == 0, err
+    grid = np.asarray(Image.open(tmp_path / "prog.png"))
+    assert grid.shape == (2 + 3 * 10, 2 + 4 * 10, 3)  # a row per image, a column per snapshot
+    code, err = _run(capsys, *args, "--out", str(tmp_path / "final.npz"))
+    assert code == 0, err
+    final = np.load(tmp_path / "final.npz")["images"]
+    for k in range(3):  # the last column is the sample itself, same seed and options
+        np.testing.assert_array_equal(grid[2 + 10 * k:10 + 10 * k, 32:40], final[k])
+    assert not np.array_equal(grid[2:10, 2:10], final[0])  # the first snapshot is not it yet
+
+
+@pytest.mark.parametrize("extra,message", [  # the last --out / --progressive given counts
+    (["--out", "{tmp}/x.npz"], "end --out in .png"),
+    (["--batch-size", "2"], "drop --batch-size"),
+    (["--progressive", "0"], "snapshots must be between 1 and 6"),
+])
+def test_progressive_bad_input(model_path, tmp_path, capsys, extra, message):
+    argv = ["--model", str(model_path), "--steps", "6", "--progressive", "3",
+            "--out", str(tmp_path / "p.png"), *(a.format(tmp=tmp_path) for a in extra)]
+    code, err = _run(capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def _bad_model_files(tmp_path, model_path):
     data = model_path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
