@@ -72,7 +72,9 @@ def test_sampling_throughput(benchmark, case, impl):
         pipe = _diffusers_pipeline(config_name, DTYPES[dtype])
 
         def run():
-            pipe(batch_size=batch, num_inference_steps=steps, eta=0.0, output_type="np")
+            # the same DDIM update as ours (ε re-derived from the clipped x̂0; see ddim_table)
+            pipe(batch_size=batch, num_inference_steps=steps, eta=0.0, output_type="np",
+                 use_clipped_model_output=True)
             _sync()
     else:
         model = DiffusionModel.create(CONFIGS[config_name])
