@@ -17,18 +17,16 @@ computed in float64 from the model's fp32 ε. Rate = L_T + Σ L_{t−1}, distort
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .backends import make_denoiser, resolve_device
+from .backends import Denoiser, make_denoiser, resolve_device
 from .errors import UserError
 from .kernels.noise import FORWARD_STREAM, gaussian
 from .model import DiffusionModel
 from .schedule import Schedule
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LEVELS = 256  # 8-bit data: the decoder's bins
 HALF_BIN = 1.0 / (LEVELS - 1)  # half the width of one bin in [−1, 1]
 
@@ -88,7 +86,7 @@ def bound_terms(denoise: Denoiser, schedule: Schedule, variance: str, clip: bool
     decoder L_0 where t = 0, else L_t, the KL term of the paper's step t + 1 → t.
     x0 (B, C, H, W) on the 8-bit grid, t (B,) int64, noise (B, C, H, W)."""
     x0 = x0.double()
-    x_t = schedule.q_sample(x0, t.cpu(), noise.double())
+    x_t = schedule.q_sample(x0, t, noise.double())
     eps = denoise(x_t.float(), t).double()
     n = x0.ndim
     x0_hat = _rows(schedule.sqrt_recip_alphas_cumprod, t, n) * x_t \
