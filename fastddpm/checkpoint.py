@@ -108,7 +108,7 @@ def load(path: str | os.PathLike = DEFAULT_NAME, device: str | torch.device = "c
         path = default_model_path()
         if not path.is_file():
             raise UserError("the bundled default model is missing from this install; "
-                            "reinstall fastddpm or pass --model PATH")
+                            "reinstall fastddpm or give a model file")
     path = Path(path)
     if path.is_dir():  # a diffusers model or pipeline folder
         model = load_folder(path)
@@ -120,7 +120,8 @@ def load(path: str | os.PathLike = DEFAULT_NAME, device: str | torch.device = "c
 
 def _load_file(path: Path) -> DiffusionModel:
     if not path.is_file():
-        raise UserError(f"model file {path} not found; pass --model PATH (or 'default')")
+        raise UserError(f"model file {path} not found; give a model file, a diffusers folder "
+                        "or 'default' (the bundled model)")
     if not os.access(path, os.R_OK):
         raise UserError(f"cannot read model file {path}: permission denied")
     header, state = (_read_safetensors if path.suffix == ".safetensors" else _read_torch)(path)

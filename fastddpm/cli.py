@@ -13,7 +13,7 @@ from .errors import UserError
 # command → (module, one-line help); modules are imported only when their command runs
 COMMANDS = {
     "sample": ("fastddpm.sample_command", "draw images from a model"),
-    "train": ("fastddpm.train", "train a DDPM ε-model (Algorithm 1)"),
+    "train": ("fastddpm.train_command", "train a DDPM ε-model (Algorithm 1)"),
     "eval": ("fastddpm.evaluate", "measure a digits model's samples, or any model's bits/dim (--bpd)"),
     "export": ("fastddpm.export.cli", "write ONNX / TensorRT artifacts of a model"),
     "bench": ("fastddpm.bench", "time the sampling loop of a model, per backend"),

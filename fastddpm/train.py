@@ -12,22 +12,20 @@ of the EMA weights on fixed (x0, t, ε) triples from the data's held-out split.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
 import math
 import os
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint, data, images
+from .distributed import init_distributed
 from .errors import UserError
 from .files import atomic_write
 from .model import DiffusionModel, SamplingDefaults
@@ -64,47 +62,6 @@ class TrainConfig:
     schedule: dict = field(default_factory=lambda: ScheduleConfig().to_dict())
     variance: str = "fixed_large"
     device: str | None = None
-
-
-@dataclass
-class _Dist:
-    """This process's place in the run, and the collectives the trainer issues itself.
-
-    Each collective's work handle is kept (the latest few): gloo's worker threads let go of a
-    finished work after the caller has moved on, and letting go of the last reference to tensors
-    that have Python objects takes the GIL — which the group's destructor holds while it joins
-    those threads. With the handle kept, a worker's reference is never the last one, so the
-    destructor (run at the end of `Trainer.run`, while these are still held) never waits on
-    the GIL."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    recent_work: deque = field(default_factory=lambda: deque(maxlen=16))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_min(self, t: torch.Tensor) -> None:
-        work = dist.all_reduce(t, op=dist.ReduceOp.MIN, async_op=True)
-        work.wait()
-        self.recent_work.append(work)
-
-    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        work = dist.all_gather(parts, t, async_op=True)
-        work.wait()
-        self.recent_work.append(work)
-        return parts
-
-
-def _init_distributed(device_type: str) -> _Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; nccl on GPUs, gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return _Dist()
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _unet_config(cfg: TrainConfig, stored: dict | None) -> UNetConfig:
@@ -184,7 +141,7 @@ class Trainer:
         from .backends import resolve_device
 
         device = resolve_device(cfg.device)
-        self.dist = _init_distributed(device.type)
+        self.dist = init_distributed(device.type)
         if device.type == "cuda" and self.dist.world > 1:
             device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(device)
@@ -217,8 +174,7 @@ class Trainer:
                             f"of {cfg.batch_size}; lower --batch-size")
         if self.dist.main:
             _make_run_folder(self.out)
-        if self.dist.world > 1:
-            dist.barrier()  # rank 0 has created the folder
+        self.dist.barrier()  # rank 0 has created the folder
         self.train_images = ds.train.to(device)
         self.heldout = heldout_triples(ds.heldout, self.schedule, device) if self.dist.main else None
         self.model = self.unet
@@ -368,9 +324,9 @@ class Trainer:
             if log:
                 log.close()
             if self.dist.world > 1:
-                dist.destroy_process_group()
+                self.dist.close()
                 # DDP's reducer holds the group: free both now, while self.dist still holds the
-                # latest collectives' work (see _Dist), rather than in whatever order later
+                # latest collectives' work (see Distributed), not in whatever order comes later
                 self.model = self.unet
                 gc.collect()
 
@@ -387,40 +343,3 @@ def heldout_triples(images: torch.Tensor, schedule: Schedule,
     t = torch.randint(0, schedule.num_timesteps, (HELDOUT_PAIRS,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     return schedule.q_sample(x0, t, noise).to(device), t.to(device), noise.to(device)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument("--data", default=d.data, help="'digits', a folder of images, a CIFAR-10 python "
-                                                  "folder, or an .npz (default: digits)")
-    p.add_argument("--out", default=d.out, help="run folder (default: %(default)s)")
-    arch = p.add_mutually_exclusive_group()
-    arch.add_argument("--config", default=None, help="named U-Net config (default: digits)")
-    arch.add_argument("--unet-json", default=None, help="JSON file of U-Net config fields")
-    p.add_argument("--steps", type=int, default=d.steps, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="per process (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW peak LR (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=d.warmup,
-                   help="linear LR warm-up steps (default: %(default)s)")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
-                   help="EMA decay, reached after a warm-up (default: %(default)s)")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="max gradient norm (default: %(default)s)")
-    p.add_argument("--dropout", type=float, default=None, help="overrides the config's")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips")
-    p.add_argument("--precision", default=d.precision, choices=list(PRECISIONS),
-                   help="autocast dtype (fp16: GPU only; default: %(default)s)")
-    p.add_argument("--sample-every", type=int, default=d.sample_every,
-                   help="steps between sample grids, 0: never (default: %(default)s)")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="(default: %(default)s)")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-
-
-def run(args: argparse.Namespace) -> int:
-    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    Trainer(TrainConfig(**fields)).run()
-    return 0
