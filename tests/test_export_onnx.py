@@ -201,6 +201,13 @@ def test_bf16_cannot_be_validated_on_cpu_onnxruntime(model_file, tmp_path, capsy
     assert "no bf16 kernels" in err and "GPU" in err
 
 
+def _hand_made_model(graph, opset: int) -> onnx.ModelProto:
+    """A model around a hand-built graph, at IR version 10 (onnx 1.16), which every ONNX Runtime
+    the project supports reads: onnx's default is its own newest IR, which can be newer than the
+    installed ONNX Runtime's (onnx 1.23 writes IR 14; ONNX Runtime 1.30 reads up to 13)."""
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
 def test_missing_kernel_is_named(tmp_path):
     """ORT's NOT_IMPLEMENTED (here: bf16 Gemm on the CPU EP) becomes one line naming the op."""
     node = helper.make_node("Gemm", ["a", "b"], ["y"])
@@ -208,7 +215,7 @@ def test_missing_kernel_is_named(tmp_path):
                                             helper.make_tensor_value_info("b", TensorProto.BFLOAT16, [2, 2])],
                               [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 2])])
     path = tmp_path / "bf16.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)]), path)
+    onnx.save(_hand_made_model(graph, opset=22), path)
     with pytest.raises(UserError, match="no kernel for Gemm"):
         OrtRunner(path)
 
@@ -225,7 +232,7 @@ def test_runner_binds_torch_buffers_in_every_io_dtype(tmp_path, dtype, onnx_type
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["eps"])], "g", inputs,
                               [helper.make_tensor_value_info("eps", onnx_type, ["batch", 2, 3])])
     path = tmp_path / "identity.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    onnx.save(_hand_made_model(graph, opset=21), path)
     x = torch.randn(4, 2, 3).to(dtype)
     out = OrtRunner(path)(x=x, t=torch.arange(4))["eps"]
     assert out.dtype == dtype and out.shape == x.shape and out.data_ptr() != x.data_ptr()
@@ -247,7 +254,7 @@ def test_a_failed_check_leaves_no_artifact(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])], [weight])
 
     def proto():
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        return _hand_made_model(graph, opset=21)
 
     def refuse(staged):
         assert staged.is_file() and (staged.parent / "m.onnx.data").is_file()
