@@ -78,10 +78,10 @@ def _from_uint8(arr: np.ndarray, size: int, channels: int, where: str) -> torch.
     return _resize(x, size) * 2 - 1
 
 
-def _folder(path: Path, size: int, channels: int) -> torch.Tensor:
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def _read_image_files(files: list[Path], size: int, channels: int, where: str) -> torch.Tensor:
+    """PNG/JPEG files, each centre-cropped to a square and resized."""
     if not files:
-        raise UserError(f"{path} holds no PNG or JPEG images")
+        raise UserError(f"{where} holds no PNG or JPEG images")
     mode = "L" if channels == 1 else "RGB"
     images = []
     for f in files:
@@ -94,7 +94,7 @@ def _folder(path: Path, size: int, channels: int) -> torch.Tensor:
                 images.append(np.asarray(im, dtype=np.uint8))
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f"cannot read image {f}: {e}") from None
-    return _from_uint8(np.stack(images), size, channels, str(path))
+    return _from_uint8(np.stack(images), size, channels, where)
 
 
 def _is_cifar(path: Path) -> bool:
@@ -145,25 +145,47 @@ def load(source: str, size: int, channels: int) -> Dataset:
         if channels != 1:
             raise UserError(f"the digits are greyscale; the model wants {channels} channels")
         return digits(size)
+    path = _existing(source)
+    if path.is_dir() and _is_cifar(path):
+        return _cifar(path, size, channels)
+    return _split(_user_images(path, size, channels), None)
+
+
+def images(source: str, size: int, channels: int) -> torch.Tensor:
+    """Images to start a chain from: a user's own in full (a PNG/JPEG file, a folder of them, an
+    .npz), or the held-out split of a data set (`digits`, a CIFAR-10 folder: images no model
+    trained on). (N, channels, size, size) float32 in [−1, 1]."""
+    path = Path(source)
+    if source == "digits" or (path.is_dir() and _is_cifar(path)):
+        return load(source, size, channels).heldout
+    return _user_images(_existing(source), size, channels)
+
+
+def _existing(source: str) -> Path:
     path = Path(source)
     if not path.exists():
         raise UserError(f"data {source} not found; pass 'digits', a folder of images, a CIFAR-10 "
-                        "python folder or an .npz file")
+                        "python folder, an image or an .npz file")
+    return path
+
+
+def _user_images(path: Path, size: int, channels: int) -> torch.Tensor:
+    """A folder of PNG/JPEG images, one such image, or an .npz file, all of it."""
     if path.is_dir():
-        if _is_cifar(path):
-            return _cifar(path, size, channels)
-        x = _folder(path, size, channels)
-    elif path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
-                if key is None:
-                    raise UserError(f"{path} holds several arrays {keys}; name the images 'images'")
-                arr = z[key]
-        except (ValueError, OSError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
-        x = _from_uint8(arr, size, channels, str(path))
-    else:
-        raise UserError(f"{path}: unsupported data file; use a folder of images or an .npz file")
-    return _split(x, None)
+        return _read_image_files(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES),
+                       size, channels, str(path))
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _read_image_files([path], size, channels, str(path))
+    if path.suffix != ".npz":
+        raise UserError(f"{path}: unsupported data file; use a folder of images, an image or an "
+                        ".npz file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
+            if key is None:
+                raise UserError(f"{path} holds several arrays {keys}; name the images 'images'")
+            arr = z[key]
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return _from_uint8(arr, size, channels, str(path))

@@ -20,66 +20,75 @@ from .model import DiffusionModel
 from .runtime import DTYPES, Sampler, check_request
 
 
-def _model(model: DiffusionModel | str | None) -> DiffusionModel:
+def _runner(model: DiffusionModel | str | None, start: int | None = None, sampler: str = "ddpm",
+            steps: int | None = None, eta: float = 0.0, spacing: str = "leading",
+            clip: bool | None = None, device: str | torch.device | None = None,
+            backend: str = "torch", dtype: str = "fp32", cuda_graph: bool = True) -> Sampler:
+    """The loop every function here runs: `runtime.sample`'s options (the `**options` below),
+    over the chain's timesteps at or below `start` (None: all of them)."""
     from .checkpoint import load
 
-    return model if isinstance(model, DiffusionModel) else load(model or "default")
+    model = model if isinstance(model, DiffusionModel) else load(model or "default")
+    table = model.table(sampler, steps, eta, spacing, clip, start)
+    return Sampler(model, table, resolve_device(device), DTYPES[dtype], backend, cuda_graph)
 
 
 def progressive(model: DiffusionModel | str | None = None, num: int = 8, snapshots: int = 10,
-                steps: int | None = None, sampler: str = "ddpm", seed: int = 0,
-                device: str | torch.device | None = None, eta: float = 0.0,
-                spacing: str = "leading", clip: bool | None = None, backend: str = "torch",
-                dtype: str = "fp32", cuda_graph: bool = True) -> torch.Tensor:
+                seed: int = 0, **options) -> torch.Tensor:
     """x̂0 predictions at `snapshots` evenly spaced steps (the last is the sample itself), for
-    samples 0 … num−1 of `seed` drawn as `runtime.sample` draws them (same arguments).
+    samples 0 … num−1 of `seed` drawn as `runtime.sample` draws them (same options).
     Returns float32 CPU (snapshots, num, C, H, W) in [−1, 1]."""
-    check_request(num, seed, dtype)
-    model = _model(model)
-    table = model.table(sampler, steps, eta, spacing, clip)
-    if not 1 <= snapshots <= table.num_steps:
-        raise UserError(f"snapshots must be between 1 and {table.num_steps}, got {snapshots}")
-    last = table.num_steps - 1
+    check_request(num, seed, options.get("dtype", "fp32"))
+    runner = _runner(model, **options)
+    last = runner.table.num_steps - 1
+    if not 1 <= snapshots <= last + 1:
+        raise UserError(f"snapshots must be between 1 and {last + 1}, got {snapshots}")
     keep = {round(last * (k + 1) / snapshots) for k in range(snapshots)}
     frames = []
-    runner = Sampler(model, table, resolve_device(device), DTYPES[dtype], backend, cuda_graph)
     runner.run(seed, 0, num, on_step=lambda i, x0: frames.append(x0.to("cpu", torch.float32, copy=True))
                if i in keep else None)
     return torch.stack(frames).clamp(-1, 1)
 
 
 def encode(model: DiffusionModel, x0: torch.Tensor, t: int, seed: int = 0) -> torch.Tensor:
-    """x_t ~ q(x_t | x0) = √ᾱ_t x0 + √(1−ᾱ_t) ε (eq. 4), ε from the seed's initial-noise stream."""
+    """x_t ~ q(x_t | x0) = √ᾱ_t x0 + √(1−ᾱ_t) ε (eq. 4), image i's ε from sample i of the seed's
+    initial-noise stream."""
     index = torch.arange(x0.shape[0])
     noise = kernels.gaussian(seed, index, 0, tuple(x0.shape[1:]), INIT_STREAM).to(x0.device)
     return model.schedule.q_sample(x0.float(), torch.full((x0.shape[0],), t), noise)
 
 
-def reconstruct(model: DiffusionModel | str | None, x0: torch.Tensor, t: int,
-                steps: int | None = None, sampler: str = "ddpm", seed: int = 0,
-                device: str | torch.device | None = None) -> torch.Tensor:
-    """Encode `x0` (N, C, H, W) in [−1, 1] to x_t and decode it back. Returns float32 CPU."""
-    model = _model(model)
-    table = model.table(sampler, steps, start=t)
-    t_start = int(table.timesteps[0])  # the visited step at or just below t
-    runner = Sampler(model, table, resolve_device(device))
-    x_t = encode(model, x0, t_start, seed)
+def _start(runner: Sampler) -> int:
+    return int(runner.table.timesteps[0])  # the visited timestep at or just below the asked t
+
+
+def reconstruct(model: DiffusionModel | str | None, x0: torch.Tensor, t: int, seed: int = 0,
+                **options) -> torch.Tensor:
+    """Encode `x0` (N, C, H, W) in [−1, 1] to x_t and decode it back with the reverse process
+    (options: those of `runtime.sample`). Returns float32 CPU (N, C, H, W)."""
+    check_request(len(x0), seed, options.get("dtype", "fp32"))
+    runner = _runner(model, t, **options)
+    x_t = encode(runner.model, x0, _start(runner), seed)
     return runner.run(seed, 0, x0.shape[0], x_start=x_t).float().clamp(-1, 1).cpu()
 
 
 def interpolate(model: DiffusionModel | str | None, x0_a: torch.Tensor, x0_b: torch.Tensor,
-                lambdas: list[float], t: int = 500, steps: int | None = None,
-                sampler: str = "ddpm", seed: int = 0,
-                device: str | torch.device | None = None) -> torch.Tensor:
-    """Decode (1−λ)·x_t(a) + λ·x_t(b) for each λ; a, b: (C, H, W). Returns (len(λ), C, H, W)."""
-    model = _model(model)
+                lambdas: list[float], t: int = 500, seed: int = 0, **options) -> torch.Tensor:
+    """Decode (1−λ)·x_t(a) + λ·x_t(b) for each λ. a, b: (C, H, W), or (P, C, H, W) for P pairs
+    interpolated at once. Pair p is sample p of the seed at every λ, so its reverse noise is the
+    same along its row, as the paper holds it. Returns float32 CPU (len(λ), [P,] C, H, W)."""
     if any(not 0.0 <= lam <= 1.0 for lam in lambdas):
         raise UserError("interpolation weights must be in [0, 1]")
-    table = model.table(sampler, steps, start=t)
-    runner = Sampler(model, table, resolve_device(device))
-    x_t = encode(model, torch.stack([x0_a, x0_b]), int(table.timesteps[0]), seed)
-    out = []
-    for lam in lambdas:  # one run each, all as sample 0 of the seed: the same reverse noise
-        mixed = ((1.0 - lam) * x_t[0] + lam * x_t[1])[None]
-        out.append(runner.run(seed, 0, 1, x_start=mixed)[0].float().cpu())
-    return torch.stack(out).clamp(-1, 1)
+    single = x0_a.ndim == 3
+    a, b = (x0_a[None], x0_b[None]) if single else (x0_a, x0_b)
+    if a.shape != b.shape:
+        raise UserError(f"the images to interpolate differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
+    check_request(len(a), seed, options.get("dtype", "fp32"))
+    runner = _runner(model, t, **options)
+    pairs = len(a)
+    # a_p and b_p take the encoding noise of samples 2p and 2p+1: a pair's latents differ in noise
+    x_t = encode(runner.model, torch.stack([a, b], 1).flatten(0, 1), _start(runner), seed)
+    x_t = x_t.unflatten(0, (pairs, 2))
+    out = torch.stack([runner.run(seed, 0, pairs, x_start=(1.0 - lam) * x_t[:, 0] + lam * x_t[:, 1])
+                       .float().cpu() for lam in lambdas]).clamp(-1, 1)
+    return out[:, 0] if single else out

@@ -50,6 +50,7 @@ class Sampler:
     def __init__(self, model: DiffusionModel, table: SamplerTable, device: torch.device,
                  dtype: torch.dtype = torch.float32, backend: str = "torch",
                  cuda_graph: bool = True):
+        self.model = model
         self.table = table
         self.device = device
         self.dtype = dtype

@@ -1,14 +1,20 @@
-"""`fastddpm sample`: draw images from a model and write a PNG grid, an .npz or a folder."""
+"""`fastddpm sample`: draw images from a model and write a PNG grid, an .npz or a folder.
+
+Besides plain sampling, the paper's other uses of the reverse process (§4.3, fastddpm.paper):
+`--progressive K` (Fig. 6), `--from IMAGES [--t T]` reconstruction from x_t (Fig. 7) and
+`--from IMAGES --interpolate K` (Fig. 8)."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-from . import images, paper
+import torch
+
+from . import data, images, paper
 from .backends import BACKENDS
 from .errors import UserError
-from .runtime import DTYPES, sample
+from .runtime import DTYPES, check_request, sample
 from .samplers import SAMPLERS, SPACINGS
 
 
@@ -36,12 +42,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progressive", type=int, default=None, metavar="K",
                    help="instead, the predicted x0 at K evenly spaced steps as sampling goes (the "
                         "paper's Fig. 6): a PNG grid, a row per image, the last column the sample")
+    p.add_argument("--from", dest="source", default=None, metavar="IMAGES",
+                   help="instead of noise, start from these images' x_t and decode (Fig. 7): an "
+                        "image, a folder of them or an .npz (all of it; the first --num), or "
+                        "'digits' / a CIFAR-10 folder (held-out images); a PNG grid shows a row "
+                        "per image: the image, its reconstruction")
+    p.add_argument("--t", type=int, default=None,
+                   help="with --from: the timestep to encode to; the chain starts at the sampler's "
+                        "visited timestep at or below it (default: T/2)")
+    p.add_argument("--interpolate", type=int, default=None, metavar="K",
+                   help="with --from: mix the x_t of images (1, 2), (3, 4), ... at K weights from 0 "
+                        "to 1 and decode (Fig. 8); a PNG grid shows a row per pair: a, K mixes, b")
 
 
 def run(args: argparse.Namespace) -> int:
     fmt = images.check_output(args.out)  # fail before minutes of sampling, not after
+    if args.progressive is not None and args.source is not None:
+        raise UserError("--progressive draws from noise; drop --from (or --progressive)")
+    if args.source is None and (args.t is not None or args.interpolate is not None):
+        raise UserError("--t and --interpolate start from images: add --from IMAGES")
     if args.progressive is not None:
         return _progressive(args, fmt)
+    if args.source is not None:
+        return _from_images(args, fmt)
     start = time.perf_counter()
     x = sample(args.model, num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta,
                seed=args.seed, device=args.device, batch_size=args.batch_size,
@@ -67,4 +90,42 @@ def _progressive(args: argparse.Namespace, fmt: str) -> int:
                                cuda_graph=not args.no_cuda_graph)
     images.save(frames.transpose(0, 1).flatten(0, 1), args.out, nrow=args.progressive)
     print(f"wrote {args.num} images × {args.progressive} snapshots to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _from_images(args: argparse.Namespace, fmt: str) -> int:
+    """Reconstruction (Fig. 7) or, with --interpolate, interpolation (Fig. 8) of --from images."""
+    if args.batch_size is not None:
+        raise UserError("--from decodes its images in one batch; drop --batch-size")
+    from .checkpoint import load
+
+    model = load(args.model)
+    cfg = model.config
+    check_request(args.num, args.seed, args.dtype)
+    x0 = data.images(args.source, cfg.image_size, cfg.in_channels)[:args.num]
+    t = model.schedule.num_timesteps // 2 if args.t is None else args.t
+    options = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, spacing=args.spacing,
+                   clip=args.clip, device=args.device, backend=args.backend, dtype=args.dtype,
+                   cuda_graph=not args.no_cuda_graph)
+    start = time.perf_counter()
+    if args.interpolate is None:
+        x = paper.reconstruct(model, x0, t, seed=args.seed, **options)
+        rows, what = torch.stack([x0.clamp(-1, 1), x], 1), f"{len(x)} reconstructions from x_{t}"
+    else:
+        if args.interpolate < 2:
+            raise UserError(f"--interpolate needs at least 2 weights (0 and 1), got {args.interpolate}")
+        pairs = len(x0) // 2
+        if pairs == 0:
+            raise UserError(f"--interpolate needs at least 2 images; {args.source} gave {len(x0)}")
+        a, b = x0[0:2 * pairs:2], x0[1:2 * pairs:2]
+        lambdas = torch.linspace(0, 1, args.interpolate).tolist()
+        x = paper.interpolate(model, a, b, lambdas, t, seed=args.seed, **options).transpose(0, 1)
+        rows = torch.cat([a[:, None], x, b[:, None]], 1).clamp(-1, 1)
+        x, what = x.flatten(0, 1), f"{pairs} interpolations × {args.interpolate} from x_{t}"
+    elapsed = time.perf_counter() - start
+    if fmt == "png":  # a row per image or pair, the inputs beside what became of them
+        images.save(rows.flatten(0, 1), args.out, nrow=rows.shape[1])
+    else:
+        images.save(x, args.out)
+    print(f"wrote {what} to {args.out} ({elapsed:.1f} s)", file=sys.stderr)
     return 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastddpm import checkpoint
+from fastddpm import checkpoint, images, paper
 from fastddpm.cli import main
 from fastddpm.model import DiffusionModel
 from fastddpm.schedule import ScheduleConfig
@@ -80,6 +80,83 @@ def test_progressive_bad_input(model_path, tmp_path, capsys, extra, message):
     code, err = _run(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def _image_folder(tmp_path, count):
+    """`count` random 8×8 RGB PNGs (uint8, so they survive the round trip through [−1, 1])."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    pixels = np.random.default_rng(7).integers(0, 256, (count, 8, 8, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{i:02d}.png")
+    return folder, pixels
+
+
+def _tiles(grid, rows, cols):
+    """The 8 px tiles of a PNG grid (2 px padding), as (rows, cols, 8, 8, 3)."""
+    return np.stack([np.stack([grid[2 + 10 * r:10 + 10 * r, 2 + 10 * c:10 + 10 * c]
+                               for c in range(cols)]) for r in range(rows)])
+
+
+def test_from_images_reconstructs_as_paper_does(model_path, tmp_path, capsys):
+    folder, pixels = _image_folder(tmp_path, 3)
+    args = ["--model", str(model_path), "--from", str(folder), "--t", "30", "--steps", "10",
+            "--sampler", "ddpm", "--seed", "5"]
+    code, err = _run(capsys, *args, "--out", str(tmp_path / "rec.npz"))
+    assert code == 0, err
+    got = np.load(tmp_path / "rec.npz")["images"]
+    x0 = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    want = paper.reconstruct(checkpoint.load(model_path), x0, 30, seed=5, steps=10, sampler="ddpm",
+                             device="cpu")
+    np.testing.assert_array_equal(got, images.to_uint8(want))
+    code, err = _run(capsys, *args, "--out", str(tmp_path / "rec.png"))
+    assert code == 0, err
+    tiles = _tiles(np.asarray(Image.open(tmp_path / "rec.png")), 3, 2)
+    np.testing.assert_array_equal(tiles[:, 0], pixels)  # a row per image: the image, ...
+    np.testing.assert_array_equal(tiles[:, 1], got)  # ... then its reconstruction
+    assert not np.array_equal(got, pixels)
+
+
+def test_from_images_interpolates_pairs_as_paper_does(model_path, tmp_path, capsys):
+    folder, pixels = _image_folder(tmp_path, 5)  # two pairs; the fifth image has no partner
+    args = ["--model", str(model_path), "--from", str(folder), "--interpolate", "3", "--t", "40",
+            "--steps", "10", "--sampler", "ddim", "--eta", "1", "--seed", "2"]
+    code, err = _run(capsys, *args, "--out", str(tmp_path / "mix.npz"))
+    assert code == 0, err
+    got = np.load(tmp_path / "mix.npz")["images"]
+    assert got.shape == (2 * 3, 8, 8, 3)  # pair-major: pair 0's three mixes, then pair 1's
+    x0 = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    want = paper.interpolate(checkpoint.load(model_path), x0[0:4:2], x0[1:4:2], [0.0, 0.5, 1.0], 40,
+                             seed=2, steps=10, sampler="ddim", eta=1.0, device="cpu")
+    np.testing.assert_array_equal(got, images.to_uint8(want.transpose(0, 1).flatten(0, 1)))
+    code, err = _run(capsys, *args, "--out", str(tmp_path / "mix.png"))
+    assert code == 0, err
+    tiles = _tiles(np.asarray(Image.open(tmp_path / "mix.png")), 2, 5)
+    np.testing.assert_array_equal(tiles[:, 0], pixels[[0, 2]])  # a row per pair: a, ...
+    np.testing.assert_array_equal(tiles[:, 1:4].reshape(got.shape), got)  # ... the mixes, ...
+    np.testing.assert_array_equal(tiles[:, 4], pixels[[1, 3]])  # ... b
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--t", "10"], "add --from IMAGES"),
+    (["--interpolate", "3"], "add --from IMAGES"),
+    (["--from", "{folder}", "--progressive", "3"], "drop --from"),
+    (["--from", "{folder}", "--interpolate", "1"], "at least 2 weights"),
+    (["--from", "{folder}/00.png", "--interpolate", "3"], "at least 2 images"),
+    (["--from", "{folder}", "--t", "50"], "start timestep must be in [0, 50)"),
+    (["--from", "{folder}", "--batch-size", "2"], "drop --batch-size"),
+    (["--from", "{folder}", "--num", "0"], "num must be positive"),
+    (["--from", "{tmp}/absent"], "not found"),
+])
+def test_from_images_bad_input(model_path, tmp_path, capsys, extra, message):
+    folder, _ = _image_folder(tmp_path, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--model", str(model_path), "--steps", "5", "--out", str(out / "x.png"),
+            *(a.format(tmp=tmp_path, folder=folder) for a in extra)]
+    code, err = _run(capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(out.iterdir()) == []
 
 
 def _bad_model_files(tmp_path, model_path):

@@ -112,3 +112,18 @@ def test_bad_data(tmp_path):
         data.load(str(tmp_path / "two.npz"), 8, 1)
     with pytest.raises(UserError, match="greyscale"):
         data.load("digits", 16, 3)
+
+
+def test_images_to_start_from_are_all_of_a_users_and_the_heldout_of_a_data_set(tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 256, (7, 6, 6), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    x = data.images(str(tmp_path), 6, 1)  # every image of a folder: no held-out split
+    assert x.shape == (7, 1, 6, 6)
+    torch.testing.assert_close(x[:, 0], torch.from_numpy(pixels).float() / 127.5 - 1)
+    one = data.images(str(tmp_path / "3.png"), 6, 1)  # a single image file
+    torch.testing.assert_close(one, x[3:4])
+    torch.testing.assert_close(data.images("digits", 16, 1), data.load("digits", 16, 1).heldout)
+    (tmp_path / "notes.txt").write_text("not images")
+    with pytest.raises(UserError, match="unsupported data file"):
+        data.images(str(tmp_path / "notes.txt"), 6, 1)

@@ -62,3 +62,16 @@ def test_bad_arguments(model):
         paper.progressive(model, snapshots=0, steps=5, device="cpu")
     with pytest.raises(UserError, match="weights must be in"):
         paper.interpolate(model, torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), [1.5], device="cpu")
+
+
+def test_pairs_interpolate_at_once_each_with_its_own_fixed_noise(model):
+    a, b = torch.rand(2, 3, 1, 8, 8) * 2 - 1
+    lambdas = [0.0, 0.3, 1.0]
+    both = paper.interpolate(model, a, b, lambdas, t=60, steps=25, seed=3, device="cpu")
+    assert both.shape == (3, 3, 1, 8, 8) and torch.isfinite(both).all()
+    # pair 0 is the pair interpolated alone: sample 0's reverse noise, a and b as samples 0 and 1
+    alone = paper.interpolate(model, a[0], b[0], lambdas, t=60, steps=25, seed=3, device="cpu")
+    torch.testing.assert_close(both[:, 0], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(both[:, 1], both[:, 2])
+    with pytest.raises(UserError, match="differ in shape"):
+        paper.interpolate(model, a, b[:2], lambdas, device="cpu")
