@@ -172,8 +172,8 @@ def _existing(source: str) -> Path:
 def _user_images(path: Path, size: int, channels: int) -> torch.Tensor:
     """A folder of PNG/JPEG images, one such image, or an .npz file, all of it."""
     if path.is_dir():
-        return _read_image_files(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES),
-                       size, channels, str(path))
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return _read_image_files(files, size, channels, str(path))
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return _read_image_files([path], size, channels, str(path))
     if path.suffix != ".npz":

@@ -110,7 +110,7 @@ def _from_images(args: argparse.Namespace, fmt: str) -> int:
     start = time.perf_counter()
     if args.interpolate is None:
         x = paper.reconstruct(model, x0, t, seed=args.seed, **options)
-        rows, what = torch.stack([x0.clamp(-1, 1), x], 1), f"{len(x)} reconstructions from x_{t}"
+        rows, what = torch.stack([x0, x], 1), f"{len(x)} reconstructions from x_{t}"
     else:
         if args.interpolate < 2:
             raise UserError(f"--interpolate needs at least 2 weights (0 and 1), got {args.interpolate}")
@@ -120,7 +120,7 @@ def _from_images(args: argparse.Namespace, fmt: str) -> int:
         a, b = x0[0:2 * pairs:2], x0[1:2 * pairs:2]
         lambdas = torch.linspace(0, 1, args.interpolate).tolist()
         x = paper.interpolate(model, a, b, lambdas, t, seed=args.seed, **options).transpose(0, 1)
-        rows = torch.cat([a[:, None], x, b[:, None]], 1).clamp(-1, 1)
+        rows = torch.cat([a[:, None], x, b[:, None]], 1)
         x, what = x.flatten(0, 1), f"{pairs} interpolations × {args.interpolate} from x_{t}"
     elapsed = time.perf_counter() - start
     if fmt == "png":  # a row per image or pair, the inputs beside what became of them
