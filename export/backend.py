@@ -1,5 +1,6 @@
-"""The onnxruntime and tensorrt ε backends of the sampler: the model's ε graph is exported into a
-temp folder (validated, as every export is) and run by the engine's runner on torch buffers."""
+"""The onnxruntime and tensorrt ε backends of the sampler, registered with fastddpm.backends
+through entry points (pyproject.toml): the model's ε graph is exported into a temp folder
+(validated, as every export is) and run by the engine's runner on torch buffers."""
 from __future__ import annotations
 
 import tempfile
@@ -7,26 +8,31 @@ from pathlib import Path
 
 import torch
 
+from fastddpm.backends import Backend
+from fastddpm.dtypes import dtype_name
 from fastddpm.model import DiffusionModel
-from fastddpm.runtime import DTYPES
+from fastddpm.options import MAX_BATCH
 
-from .onnx import OnnxOptions, export_onnx
-from .runners import OrtRunner
-from .tensorrt import TensorRTRunner, build_engine
+from . import require_onnx_export
 
 
-def make_export_denoiser(model: DiffusionModel, backend: str, device: torch.device,
-                         dtype: torch.dtype):
+def _export_denoiser(model: DiffusionModel, engine: str, device: torch.device, dtype: torch.dtype):
     """`denoise(x, t)` over the model's ε graph, exported now into a temp folder and validated."""
-    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    require_onnx_export(f"the {engine} backend")  # it runs our ONNX export of the model
+    from .onnx import OnnxOptions, export_onnx
+
     workdir = tempfile.TemporaryDirectory(prefix="fastddpm-")
     onnx_path = Path(workdir.name) / "eps.onnx"
-    export_onnx(model, onnx_path, OnnxOptions(dtype=dtype_name, what="eps"), log=None)
-    if backend == "tensorrt":
+    export_onnx(model, onnx_path, OnnxOptions(dtype=dtype_name(dtype), what="eps"), log=None)
+    if engine == "tensorrt":
+        from .tensorrt import TensorRTRunner, build_engine
+
         plan = Path(workdir.name) / "eps.plan"
-        build_engine(onnx_path, plan, batch_range=(1, 256))
+        build_engine(onnx_path, plan, batch_range=(1, MAX_BATCH))
         runner = TensorRTRunner(plan, device)
     else:
+        from .runners import OrtRunner
+
         runner = OrtRunner(onnx_path, device)
 
     @torch.inference_mode()
@@ -35,3 +41,7 @@ def make_export_denoiser(model: DiffusionModel, backend: str, device: torch.devi
 
     denoise.workdir = workdir  # the artifacts live as long as the denoiser
     return denoise
+
+
+ONNXRUNTIME = Backend("onnxruntime", lambda m, d, t: _export_denoiser(m, "onnxruntime", d, t))
+TENSORRT = Backend("tensorrt", lambda m, d, t: _export_denoiser(m, "tensorrt", d, t))

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import onnx
 
+from fastddpm.dtypes import DTYPES, torch_dtype
 from fastddpm.errors import UserError
 from fastddpm.files import check_writable_target
 from fastddpm.model import DiffusionModel
-from fastddpm.runtime import DTYPES
+from fastddpm.options import SamplingOptions
 
 from . import GRAPHS
 from . import onnx_graphs as graphs
@@ -39,18 +40,13 @@ class OnnxOptions:
     batch: int | None = None  # None: dynamic batch
     opset: int | None = None  # None: 21 (22 for bf16)
     what: str = "eps"  # eps | step | both
-    sampler: str = "ddpm"  # the step graph's sampler and its options
-    steps: int | None = None
-    eta: float = 0.0
-    spacing: str = "leading"
-    clip: bool | None = None  # None: the model's default
+    sampling: SamplingOptions = SamplingOptions()  # the step graph's sampler (its table part)
     external_data_bytes: int = EXTERNAL_DATA_BYTES  # weights above this go to a .data sidecar
 
 
 def resolve_opset(options: OnnxOptions) -> int:
     """The opset to write, or a one-line error when it cannot carry the options."""
-    if options.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
+    torch_dtype(options.dtype)  # a one-line error for an unknown name
     newest = onnx.defs.onnx_opset_version()
     if options.opset is None:
         return graphs.BF16_MIN_OPSET if options.dtype == "bf16" else graphs.GROUPNORM_NATIVE_OPSET
@@ -85,8 +81,9 @@ def metadata(model: DiffusionModel, graph: str, options: OnnxOptions, opset: int
             "schedule": model.schedule.config.to_dict(), "sampling": model.sampling.to_dict()}
     props = {}
     if table is not None:
-        info["sampler"] = {"name": table.name, "steps": options.steps, "eta": options.eta,
-                           "spacing": options.spacing, "clip": table.clip,
+        sampling = options.sampling
+        info["sampler"] = {"name": table.name, "steps": sampling.steps, "eta": sampling.eta,
+                           "spacing": sampling.spacing, "clip": table.clip,
                            "num_steps": table.num_steps, "uses_x0_prev": table.uses_x0_prev,
                            "timesteps": table.timesteps.tolist()}
         props = {f"{METADATA_KEY}.num_steps": str(table.num_steps),
@@ -139,7 +136,8 @@ def write_validated(model: onnx.ModelProto, path: Path, check: Callable[[Path], 
 
 
 def _cast(model: DiffusionModel, dtype: str) -> DiffusionModel:
-    """A copy in `dtype` (casting in place would round the caller's weights for good)."""
+    """A copy in `dtype` (casting in place would round the caller's weights for good; the
+    trace sets the copy's kernel mode)."""
     unet = copy.deepcopy(model.unet).to("cpu", DTYPES[dtype]).eval()
     return DiffusionModel(unet, model.schedule, model.sampling)
 
@@ -157,8 +155,7 @@ def export_onnx(model: DiffusionModel, out: str | os.PathLike, options: OnnxOpti
         check_writable_target(path)
     if validate_with_ort:
         validation_device(options.dtype)
-    table = (model.table(options.sampler, options.steps, options.eta, options.spacing, options.clip)
-             if "step" in paths else None)  # sampler options only matter to the step graph
+    table = model.table(options.sampling) if "step" in paths else None  # only the step graph has one
     reference = _cast(model, "fp32")  # validation compares against the fp32 model on the CPU
     lowered = _cast(model, options.dtype)
     dtype = DTYPES[options.dtype]

@@ -98,8 +98,7 @@ def trace_to_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_nam
     batch = torch.export.Dim("batch", min=1, max=4096) if dynamic_batch else None
     dynamic_shapes = {name: ({0: batch} if batch is not None and name != "step" else None)
                       for name in inputs}
-    # plain-torch kernels while tracing: the fused ones are custom ops the exporter can't see into
-    with kernels.use_reference(), _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter(), torch.no_grad():
         program = torch.export.export(module, (), kwargs=inputs, dynamic_shapes=dynamic_shapes)
         program = program.run_decompositions(
             {torch.ops.aten.scaled_dot_product_attention.default: _attention_math})
@@ -114,7 +113,9 @@ def _trace_generator() -> torch.Generator:
 
 
 def eps_graph(unet: UNet, dtype: torch.dtype, batch: int | None, opset: int) -> onnx.ModelProto:
-    """The ε-model; batch None = dynamic."""
+    """The ε-model; batch None = dynamic. `unet` runs its reference kernels: the fused ones are
+    custom ops the exporter cannot see into."""
+    unet.set_kernels("reference")
     cfg = unet.config
     inputs = example_inputs("eps", (cfg.in_channels, cfg.image_size, cfg.image_size),
                             batch or TRACE_BATCH, dtype, generator=_trace_generator())
@@ -123,7 +124,9 @@ def eps_graph(unet: UNet, dtype: torch.dtype, batch: int | None, opset: int) -> 
 
 def step_graph(unet: UNet, table: SamplerTable, dtype: torch.dtype, batch: int | None,
                opset: int) -> onnx.ModelProto:
-    """One reverse step of `table` around the ε-model; batch None = dynamic."""
+    """One reverse step of `table` around the ε-model; batch None = dynamic. `unet` runs its
+    reference kernels, as in eps_graph."""
+    unet.set_kernels("reference")
     cfg = unet.config
     module = StepGraph(unet, table).eval()
     inputs = example_inputs("step", (cfg.in_channels, cfg.image_size, cfg.image_size),

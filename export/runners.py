@@ -31,6 +31,16 @@ def import_onnxruntime():
     return onnxruntime
 
 
+def onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """The exception types ONNX Runtime raises for a file or graph it refuses (its own pybind
+    classes, one per status code)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as status
+
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return tuple(getattr(status, name) for name in names if hasattr(status, name))
+
+
 def check_batch(batch: int, low: int, high: int, artifact: str) -> None:
     """One line when a batch falls outside what an artifact was built for."""
     if not low <= batch <= high:
@@ -76,7 +86,7 @@ class OrtRunner:
         provider = providers[0] if isinstance(providers[0], str) else providers[0][0]
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as e:  # ORT raises its own pybind types; sort them into one line
+        except onnxruntime_errors() as e:
             raise _session_error(e, self.path, provider) from None
         self.provider = self.session.get_providers()[0]
         self.input_names = [i.name for i in self.session.get_inputs()]

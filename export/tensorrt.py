@@ -156,8 +156,7 @@ def export_tensorrt(model: DiffusionModel, out: str | os.PathLike, options: Onnx
             onnx_path = Path(workdir) / f"{graph}.onnx"
             export_onnx(model, onnx_path, replace(options, what=graph), log=None,
                         validate_with_ort=False)
-            table = model.table(options.sampler, options.steps, options.eta, options.spacing,
-                                options.clip) if graph == "step" else None
+            table = model.table(options.sampling) if graph == "step" else None
             with atomic_write(path) as staged:
                 build_engine(onnx_path, staged, batch_range)
                 runner = TensorRTRunner(staged, device)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fastddpm.dtypes import DTYPES
 from fastddpm.errors import UserError
 from fastddpm.samplers import COEF_FIELDS, SamplerTable
 from fastddpm.unet import UNet
@@ -39,8 +40,6 @@ def compare(run, unet: UNet, graph: str, dtype: str, batch: int | None,
             table: SamplerTable | None = None) -> tuple[float, float, float]:
     """Runs `run(**inputs) -> {name: tensor}` against torch; returns the worst
     (max abs error, error, tolerance) — error as in the module docstring."""
-    from fastddpm.runtime import DTYPES
-
     cfg = unet.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     gen = torch.Generator().manual_seed(VALIDATION_SEED)

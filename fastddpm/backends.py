@@ -1,23 +1,73 @@
-"""Backends for the ε-model: each turns a DiffusionModel into `denoise(x, t) -> ε` on a device.
+"""ε engines by name: each turns a DiffusionModel into `denoise(x, t) -> ε` on a device.
 
 The reverse step is always our kernel; only ε changes between backends, so one device gives the
-same noise sequence on every backend. Backends register here by name.
+same noise sequence on every backend. `torch` and `compile` live here; other engines plug in
+through the `fastddpm.backends` entry-point group (fastddpm.export declares onnxruntime and
+tensorrt in pyproject.toml), so the core never imports them: an entry point is loaded only when
+its backend is asked for.
 """
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import UserError
-from .model import DiffusionModel
+
+if TYPE_CHECKING:
+    from .model import DiffusionModel
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
-# backends whose ε call can be captured inside the sampler's CUDA graph (ONNX Runtime and
-# TensorRT run on streams of their own, outside torch's capture)
-GRAPH_CAPTURABLE = ("torch", "compile")
+ENTRY_POINT_GROUP = "fastddpm.backends"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    make: Callable[[DiffusionModel, torch.device, torch.dtype], Denoiser]
+    # whether its ε call can be captured inside the sampler's CUDA graph (ONNX Runtime and
+    # TensorRT run on streams of their own, outside torch's capture)
+    graph_capturable: bool = False
+
+
+_registry: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    _registry[backend.name] = backend
+    return backend
+
+
+@functools.cache
+def _plugins() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend this install knows, registered or declared (declared ones are not loaded)."""
+    return tuple(dict.fromkeys([*_registry, *_plugins()]))
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _registry and name in _plugins():
+        backend = _plugins()[name].load()
+        if not isinstance(backend, Backend) or backend.name != name:
+            raise TypeError(f"entry point {name!r} of {ENTRY_POINT_GROUP} must name Backend {name!r}")
+        register_backend(backend)
+    if name not in _registry:
+        raise UserError(f"unknown backend {name!r}; choose one of {', '.join(backend_names())}")
+    return _registry[name]
+
+
+def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
+                  dtype: torch.dtype) -> Denoiser:
+    """The ε-model callable of backend `backend` on `device` in `dtype`."""
+    return get_backend(backend).make(model, device, dtype)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -39,30 +89,31 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
-                  dtype: torch.dtype) -> Denoiser:
-    """ε-model callable for `backend` ('torch': eager; 'compile': torch.compile'd)."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend in ("onnxruntime", "tensorrt"):  # imported here: ONNX and TensorRT are optional
-        from .export import require_onnx_export
-
-        require_onnx_export(f"the {backend} backend")  # it runs our ONNX export of the model
-        from .export.backend import make_export_denoiser
-
-        return make_export_denoiser(model, backend, device, dtype)
+def _torch_unet(model: DiffusionModel, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     unet = model.unet
     if next(unet.parameters()).dtype != dtype:
         unet = copy.deepcopy(unet)  # casting in place would round the caller's weights for good
-    unet = unet.to(device=device, dtype=dtype).eval()
-    if backend == "compile":
-        # the default mode: no CUDA graphs of inductor's own (ours wraps the whole step), and no
-        # max-autotune — 88 % of the U-Net's FLOPs are 3×3 convolutions, which stay with cuDNN,
-        # while autotuning the rest would cost minutes per batch size
-        unet = torch.compile(unet, fullgraph=True)
+    return unet.to(device=device, dtype=dtype).eval()
 
+
+def _no_grad(unet: Callable) -> Denoiser:
     @torch.inference_mode()
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(x, t)
 
     return denoise
+
+
+def _eager(model: DiffusionModel, device: torch.device, dtype: torch.dtype) -> Denoiser:
+    return _no_grad(_torch_unet(model, device, dtype))
+
+
+def _compiled(model: DiffusionModel, device: torch.device, dtype: torch.dtype) -> Denoiser:
+    # the default mode: no CUDA graphs of inductor's own (ours wraps the whole step), and no
+    # max-autotune — 88 % of the U-Net's FLOPs are 3×3 convolutions, which stay with cuDNN,
+    # while autotuning the rest would cost minutes per batch size
+    return _no_grad(torch.compile(_torch_unet(model, device, dtype), fullgraph=True))
+
+
+register_backend(Backend("torch", _eager, graph_capturable=True))
+register_backend(Backend("compile", _compiled, graph_capturable=True))

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
-from .samplers import VARIANCES, SamplerTable, make_table
+from .options import SamplingOptions
+from .samplers import SAMPLERS, VARIANCES, SamplerTable, make_table
 from .schedule import Schedule, ScheduleConfig
 from .unet import UNet, UNetConfig
 
@@ -54,13 +55,19 @@ class DiffusionModel:
     def config(self) -> UNetConfig:
         return self.unet.config
 
-    def table(self, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0,
-              spacing: str = "leading", clip: bool | None = None,
-              start: int | None = None) -> SamplerTable:
-        """The coefficient table of a sampler over this model's schedule and defaults;
-        `start=t` begins the chain at x_t."""
-        return make_table(self.schedule, sampler, steps, eta, spacing, self.sampling.variance,
-                          self.sampling.clip if clip is None else clip, start)
+    def table(self, options: SamplingOptions | None = None, start: int | None = None,
+              **choices) -> SamplerTable:
+        """The coefficient table of `options`' sampler (or SamplingOptions(**choices)) over this
+        model's schedule and defaults; `start=t` begins the chain at x_t."""
+        options = SamplingOptions.of(options, **choices)
+        extra = {}
+        if "eta" in SAMPLERS[options.sampler].options:
+            extra["eta"] = options.eta or 0.0
+        if "variance" in SAMPLERS[options.sampler].options:
+            extra["variance"] = self.sampling.variance
+        clip = self.sampling.clip if options.clip is None else options.clip
+        return make_table(self.schedule, options.sampler, options.steps, options.spacing,
+                          clip=clip, start=start, **extra)
 
 
 def load_weights(unet: torch.nn.Module, state: dict, where: str) -> None:

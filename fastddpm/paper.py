@@ -13,33 +13,29 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .backends import resolve_device
 from .errors import UserError
 from .kernels.noise import INIT_STREAM
 from .model import DiffusionModel
-from .runtime import DTYPES, Sampler, check_request
+from .options import SamplingOptions
+from .runtime import Sampler, check_request
 
 
-def _runner(model: DiffusionModel | str | None, start: int | None = None, sampler: str = "ddpm",
-            steps: int | None = None, eta: float = 0.0, spacing: str = "leading",
-            clip: bool | None = None, device: str | torch.device | None = None,
-            backend: str = "torch", dtype: str = "fp32", cuda_graph: bool = True) -> Sampler:
-    """The loop every function here runs: `runtime.sample`'s options (the `**options` below),
-    over the chain's timesteps at or below `start` (None: all of them)."""
+def _runner(model: DiffusionModel | str | None, options: SamplingOptions | None,
+            choices: dict, start: int | None = None) -> Sampler:
+    """The loop every function here runs, over the chain's timesteps at or below `start`."""
     from .checkpoint import load
 
     model = model if isinstance(model, DiffusionModel) else load(model or "default")
-    table = model.table(sampler, steps, eta, spacing, clip, start)
-    return Sampler(model, table, resolve_device(device), DTYPES[dtype], backend, cuda_graph)
+    return Sampler(model, options, start, **choices)
 
 
 def progressive(model: DiffusionModel | str | None = None, num: int = 8, snapshots: int = 10,
-                seed: int = 0, **options) -> torch.Tensor:
+                seed: int = 0, options: SamplingOptions | None = None, **choices) -> torch.Tensor:
     """x̂0 predictions at `snapshots` evenly spaced steps (the last is the sample itself), for
     samples 0 … num−1 of `seed` drawn as `runtime.sample` draws them (same options).
     Returns float32 CPU (snapshots, num, C, H, W) in [−1, 1]."""
-    check_request(num, seed, options.get("dtype", "fp32"))
-    runner = _runner(model, **options)
+    check_request(num, seed)
+    runner = _runner(model, options, choices)
     last = runner.table.num_steps - 1
     if not 1 <= snapshots <= last + 1:
         raise UserError(f"snapshots must be between 1 and {last + 1}, got {snapshots}")
@@ -63,17 +59,18 @@ def _start(runner: Sampler) -> int:
 
 
 def reconstruct(model: DiffusionModel | str | None, x0: torch.Tensor, t: int, seed: int = 0,
-                **options) -> torch.Tensor:
+                options: SamplingOptions | None = None, **choices) -> torch.Tensor:
     """Encode `x0` (N, C, H, W) in [−1, 1] to x_t and decode it back with the reverse process
     (options: those of `runtime.sample`). Returns float32 CPU (N, C, H, W)."""
-    check_request(len(x0), seed, options.get("dtype", "fp32"))
-    runner = _runner(model, t, **options)
+    check_request(len(x0), seed)
+    runner = _runner(model, options, choices, t)
     x_t = encode(runner.model, x0, _start(runner), seed)
     return runner.run(seed, 0, x0.shape[0], x_start=x_t).float().clamp(-1, 1).cpu()
 
 
 def interpolate(model: DiffusionModel | str | None, x0_a: torch.Tensor, x0_b: torch.Tensor,
-                lambdas: list[float], t: int = 500, seed: int = 0, **options) -> torch.Tensor:
+                lambdas: list[float], t: int = 500, seed: int = 0,
+                options: SamplingOptions | None = None, **choices) -> torch.Tensor:
     """Decode (1−λ)·x_t(a) + λ·x_t(b) for each λ. a, b: (C, H, W), or (P, C, H, W) for P pairs
     interpolated at once. Pair p is sample p of the seed at every λ, so its reverse noise is the
     same along its row, as the paper holds it. Returns float32 CPU (len(λ), [P,] C, H, W)."""
@@ -83,8 +80,8 @@ def interpolate(model: DiffusionModel | str | None, x0_a: torch.Tensor, x0_b: to
     a, b = (x0_a[None], x0_b[None]) if single else (x0_a, x0_b)
     if a.shape != b.shape:
         raise UserError(f"the images to interpolate differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
-    check_request(len(a), seed, options.get("dtype", "fp32"))
-    runner = _runner(model, t, **options)
+    check_request(len(a), seed)
+    runner = _runner(model, options, choices, t)
     pairs = len(a)
     # a_p and b_p take the encoding noise of samples 2p and 2p+1: a pair's latents differ in noise
     x_t = encode(runner.model, torch.stack([a, b], 1).flatten(0, 1), _start(runner), seed)

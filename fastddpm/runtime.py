@@ -8,74 +8,78 @@ not depend on the batch it was drawn in.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 from . import kernels
-from .backends import GRAPH_CAPTURABLE, make_denoiser, resolve_device
+from .backends import get_backend, make_denoiser, resolve_device
+from .dtypes import torch_dtype
 from .errors import UserError
 from .kernels.noise import INIT_STREAM
 from .model import DiffusionModel
-from .samplers import SamplerTable
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .options import SamplingOptions
 
 
 class _Buffers:
-    """The state one step reads and writes, at fixed addresses (what a CUDA graph needs)."""
+    """The state one step reads and writes, at fixed addresses (what a CUDA graph needs).
+    x0 holds the step's x̂0 only when someone reads it: a sampler with history (it is then
+    x̂0_prev as well, updated in place) or an `on_step` callback."""
 
     def __init__(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
-                 with_x0_prev: bool):
+                 store_x0: bool):
         self.x = torch.empty(shape, device=device, dtype=dtype)
-        self.x0 = torch.empty(shape, device=device, dtype=dtype)
-        self.x0_prev = torch.zeros(shape, device=device, dtype=dtype) if with_x0_prev else None
+        self.x0 = torch.zeros(shape, device=device, dtype=dtype) if store_x0 else None
         self.step = torch.zeros(1, device=device, dtype=torch.int64)
         self.rng = torch.zeros(2, device=device, dtype=torch.int64)  # (seed, first sample index)
 
     def reset(self, x_start: torch.Tensor, seed: int, first: int) -> None:
         self.x.copy_(x_start)
-        if self.x0_prev is not None:
-            self.x0_prev.zero_()
+        if self.x0 is not None:
+            self.x0.zero_()  # x̂0_prev of the first step (its d is 0; no NaN from old memory)
         self.step.zero_()
         self.rng.copy_(torch.tensor([seed, first], dtype=torch.int64))
 
 
 class Sampler:
-    """Runs one sampler table over one model on one device.
+    """Runs one sampler over one model on one device, as `options` say.
 
-    `sampler.run(seed, first, batch)` returns x_0 (batch, C, H, W) in the model dtype."""
+    `start=t` begins the chain at x_t (the visited timesteps ≤ t). `sampler.run(seed, first,
+    batch)` returns x_0 (batch, C, H, W) in the model dtype."""
 
-    def __init__(self, model: DiffusionModel, table: SamplerTable, device: torch.device,
-                 dtype: torch.dtype = torch.float32, backend: str = "torch",
-                 cuda_graph: bool = True):
+    def __init__(self, model: DiffusionModel, options: SamplingOptions | None = None,
+                 start: int | None = None, **choices):
+        self.options = options = SamplingOptions.of(options, **choices)
         self.model = model
-        self.table = table
-        self.device = device
-        self.dtype = dtype
+        self.table = model.table(options, start)
+        self.device = resolve_device(options.device)
+        self.dtype = torch_dtype(options.dtype)
         cfg = model.config
         self.image_shape = (cfg.out_channels, cfg.image_size, cfg.image_size)
-        self.denoise = make_denoiser(model, backend, device, dtype)
-        self.coef = table.coef.to(device=device, dtype=torch.float32)
-        self.timesteps = table.timesteps.to(device)
-        self.use_graph = cuda_graph and device.type == "cuda" and backend in GRAPH_CAPTURABLE
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, _Buffers]] = {}
+        self.denoise = make_denoiser(model, options.backend, self.device, self.dtype)
+        self.coef = self.table.coef.to(device=self.device, dtype=torch.float32)
+        self.timesteps = self.table.timesteps.to(self.device)
+        self.use_graph = (options.cuda_graph and self.device.type == "cuda"
+                          and get_backend(options.backend).graph_capturable)
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, _Buffers]] = {}
 
     def _step(self, buf: _Buffers) -> None:
         t = self.timesteps.index_select(0, buf.step).expand(buf.x.shape[0])
         eps = self.denoise(buf.x, t)
-        # written in place: x_prev over x, x̂0 into x0 (each element is read before it is written)
-        kernels.reverse_step(buf.x, eps, self.coef, buf.step, buf.rng, buf.x0_prev,
-                             self.table.clip, out=buf.x, x0_out=buf.x0)
-        if buf.x0_prev is not None:
-            buf.x0_prev.copy_(buf.x0)
+        # in place: x_prev over x, x̂0 over x̂0_prev (each element is read before it is written)
+        history = buf.x0 if self.table.uses_x0_prev else None
+        kernels.reverse_step(buf.x, eps, self.coef, buf.step, buf.rng, history, self.table.clip,
+                             out=buf.x, x0_out=buf.x0, return_x0=False)
         buf.step.add_(1)
 
-    def _graph_for(self, batch: int, x_T: torch.Tensor, seed: int, first: int):
-        if batch not in self._graphs:
-            buf = _Buffers((batch, *self.image_shape), self.device, self.dtype,
-                           self.table.uses_x0_prev)
+    def _buffers(self, batch: int, store_x0: bool) -> _Buffers:
+        return _Buffers((batch, *self.image_shape), self.device, self.dtype,
+                        store_x0 or self.table.uses_x0_prev)
+
+    def _graph_for(self, batch: int, store_x0: bool, x_T: torch.Tensor, seed: int, first: int):
+        key = (batch, store_x0)
+        if key not in self._graphs:
+            buf = self._buffers(batch, store_x0)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: autotuning and lazy init happen here
@@ -86,8 +90,8 @@ class Sampler:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._step(buf)
-            self._graphs[batch] = (graph, buf)
-        return self._graphs[batch]
+            self._graphs[key] = (graph, buf)
+        return self._graphs[key]
 
     def initial_noise(self, seed: int, first: int, batch: int) -> torch.Tensor:
         index = torch.arange(first, first + batch, device=self.device)
@@ -97,76 +101,70 @@ class Sampler:
     @torch.inference_mode()
     def run(self, seed: int, first: int, batch: int,
             on_step: Callable[[int, torch.Tensor], None] | None = None,
-            x_start: torch.Tensor | None = None) -> torch.Tensor:
+            x_start: torch.Tensor | None = None,
+            on_progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Samples `first .. first+batch−1` of the stream `seed`.
 
-        on_step(i, x̂0) sees every step's predicted x_0 (progressive generation); leave it None
-        for the fastest loop. x_start (batch, C, H, W) replaces x_T: a point on the chain at the
-        table's first timestep (see `make_table(start=...)`)."""
+        on_step(i, x̂0) sees every step's predicted x_0 (progressive generation); without it
+        x̂0 is not even stored, unless the sampler keeps it as history. on_progress(i) is told
+        of each step done. x_start (batch, C, H, W) replaces x_T: a point on the chain at the
+        table's first timestep (`Sampler(start=t)`)."""
         if x_start is None:
             x_start = self.initial_noise(seed, first, batch)
         elif tuple(x_start.shape) != (batch, *self.image_shape):
             raise UserError(f"x_start must have shape {(batch, *self.image_shape)}, "
                             f"got {tuple(x_start.shape)}")
         x_start = x_start.to(self.device, self.dtype)
+        store_x0 = on_step is not None
         if self.use_graph:
-            graph, buf = self._graph_for(batch, x_start, seed, first)
+            graph, buf = self._graph_for(batch, store_x0, x_start, seed, first)
             buf.reset(x_start, seed, first)
             run_step = graph.replay
         else:
-            buf = _Buffers((batch, *self.image_shape), self.device, self.dtype,
-                           self.table.uses_x0_prev)
+            buf = self._buffers(batch, store_x0)
             buf.reset(x_start, seed, first)
             run_step = lambda: self._step(buf)  # noqa: E731
         for i in range(self.table.num_steps):
             run_step()
             if on_step is not None:
                 on_step(i, buf.x0)
+            if on_progress is not None:
+                on_progress(i)
         return buf.x.clone()
 
 
-def check_request(num: int, seed: int, dtype: str) -> None:
+def check_request(num: int, seed: int) -> None:
     """One-line errors for the arguments every way of drawing images takes."""
     if num <= 0:
         raise UserError(f"num must be positive, got {num}")
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if not 0 <= seed < 2**63:
         raise UserError(f"seed must be in [0, 2^63), got {seed}")
 
 
-def sample(model: DiffusionModel | str | None = None, num: int = 64, steps: int | None = None,
-           sampler: str = "ddpm", eta: float = 0.0, seed: int = 0,
-           device: str | torch.device | None = None, batch_size: int | None = None,
-           progress: bool = False, spacing: str = "leading", clip: bool | None = None,
-           backend: str = "torch", dtype: str = "fp32", cuda_graph: bool = True) -> torch.Tensor:
+def sample(model: DiffusionModel | str | None = None, num: int = 64, seed: int = 0,
+           options: SamplingOptions | None = None, progress: bool = False,
+           **choices) -> torch.Tensor:
     """Draw `num` images; returns a float32 CPU tensor (num, C, H, W) in [−1, 1].
 
     model: a DiffusionModel, a model path, or None / 'default' for the bundled digits model.
-    steps: sampling steps (default: the model's T). sampler: 'ddpm' | 'ddim' | 'dpm++'.
-    Sample k of seed s is the same image whatever `batch_size` (default: min(num, 256))."""
+    options: a SamplingOptions, or its fields as keywords (`steps=50, sampler="ddim"`).
+    Sample k of seed s is the same image whatever the batch size."""
     from .checkpoint import load
 
-    check_request(num, seed, dtype)
-    if batch_size is not None and batch_size <= 0:
-        raise UserError(f"batch size must be positive, got {batch_size}")
-    dev = resolve_device(device)
+    options = SamplingOptions.of(options, **choices)
+    check_request(num, seed)
     if not isinstance(model, DiffusionModel):
         model = load(model or "default")
-    table = model.table(sampler, steps, eta, spacing, clip)
-    runner = Sampler(model, table, dev, DTYPES[dtype], backend, cuda_graph)
-    batch_size = min(num, batch_size or 256)
-    batches = math.ceil(num / batch_size)
+    runner = Sampler(model, options)
+    batches = options.batches(num)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=batches * table.num_steps, unit="step", desc="sampling")
-    out = []
-    for first in range(0, num, batch_size):
-        n = min(batch_size, num - first)
-        on_step = (lambda i, x0: bar.update(1)) if bar is not None else None
-        out.append(runner.run(seed, first, n, on_step).float().clamp(-1.0, 1.0).cpu())
+        bar = tqdm(total=len(batches) * runner.table.num_steps, unit="step", desc="sampling")
+    on_progress = (lambda i: bar.update(1)) if bar is not None else None
+    out = [runner.run(seed, first, n, on_progress=on_progress).float().clamp(-1.0, 1.0).cpu()
+           for first, n in batches]
     if bar is not None:
         bar.close()
     return torch.cat(out)

@@ -13,6 +13,7 @@ model's raw ε beside x̂0.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,6 @@ import torch
 from .errors import UserError
 from .schedule import Schedule
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCES = ("fixed_large", "fixed_small")
 COEF_FIELDS = ("c_x", "c_e", "a", "b", "c", "d", "sigma")
@@ -88,9 +88,8 @@ def _table(name: str, ts: list[int], clip: bool, ac_t: torch.Tensor, **cols) -> 
     return SamplerTable(name, torch.tensor(ts, dtype=torch.int64), coef, clip)
 
 
-def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
-               variance: str = "fixed_large", clip: bool = True,
-               start: int | None = None) -> SamplerTable:
+def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
+               clip: bool, variance: str, start: int | None = None) -> SamplerTable:
     """Ancestral sampling, Algorithm 2; with steps < T, over a sub-sequence of timesteps with
     β re-derived from the ᾱ ratio of consecutive visited steps (as diffusers does)."""
     if variance not in VARIANCES:
@@ -109,8 +108,8 @@ def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
     return _table("ddpm", ts, clip, ac_t, a=a, b=b, sigma=sigma)
 
 
-def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
-               eta: float = 0.0, clip: bool = True, start: int | None = None) -> SamplerTable:
+def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
+               clip: bool, eta: float = 0.0, start: int | None = None) -> SamplerTable:
     """DDIM (Song et al. 2021, eq. 12) from each visited t to the next visited one:
     x_prev = √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z, with ε̂ = (x_t − √ᾱ_t x̂0)/√(1 − ᾱ_t) the
     noise that the (possibly clipped) x̂0 implies, so the update is linear in x̂0 and x_t alone,
@@ -132,8 +131,8 @@ def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
                   sigma=sigma)
 
 
-def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading",
-                   clip: bool = False, start: int | None = None) -> SamplerTable:
+def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
+                   clip: bool, start: int | None = None) -> SamplerTable:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), first order at the first and last step.
 
     With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ), h = λ_next − λ_t, r = h_prev / h:
@@ -160,15 +159,27 @@ def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = 
     return _table("dpm++", ts, clip, ac_t, a=a, b=b, d=d)
 
 
-def make_table(schedule: Schedule, sampler: str = "ddpm", steps: int | None = None,
-               eta: float = 0.0, spacing: str = "leading", variance: str = "fixed_large",
-               clip: bool = True, start: int | None = None) -> SamplerTable:
-    """The table for a sampler by name: 'ddpm', 'ddim' or 'dpm++' (DPM-Solver++(2M)).
-    `start=t` begins the chain at x_t instead of x_T (the visited steps ≤ t)."""
-    if sampler == "ddpm":
-        return ddpm_table(schedule, steps, spacing, variance, clip, start)
-    if sampler == "ddim":
-        return ddim_table(schedule, steps, spacing, eta, clip, start)
-    if sampler == "dpm++":
-        return dpmpp_2m_table(schedule, steps, spacing, clip, start)
-    raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+@dataclass(frozen=True)
+class SamplerSpec:
+    build: Callable[..., SamplerTable]  # (schedule, steps, spacing, *, clip, start, **options)
+    options: tuple[str, ...]  # what it takes beyond steps, spacing, clip and start
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(ddpm_table, ("variance",)),  # the variance is the model's, not a choice
+    "ddim": SamplerSpec(ddim_table, ("eta",)),
+    "dpm++": SamplerSpec(dpmpp_2m_table, ()),  # DPM-Solver++(2M)
+}
+
+
+def make_table(schedule: Schedule, sampler: str, steps: int | None, spacing: str, *, clip: bool,
+               start: int | None = None, **options) -> SamplerTable:
+    """The table for a sampler by name (see SAMPLERS). `start=t` begins the chain at x_t instead
+    of x_T (the visited steps ≤ t). An option the sampler does not take is refused, not dropped."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    spec = SAMPLERS[sampler]
+    unused = sorted(set(options) - set(spec.options))
+    if unused:
+        raise UserError(f"the {sampler} sampler takes no {', '.join(unused)}")
+    return spec.build(schedule, steps, spacing, clip=clip, start=start, **options)

@@ -104,15 +104,23 @@ class Schedule:
         }
         for name, value in tables.items():
             object.__setattr__(self, name, value)
+        object.__setattr__(self, "_device_tables", {})
 
     @property
     def num_timesteps(self) -> int:
         return len(self.betas)
 
+    def table_on(self, name: str, device: torch.device) -> torch.Tensor:
+        """Table `name` (float64) on `device`, copied there once: indexing it with timesteps that
+        live on the device then needs no host sync (a training step's t is drawn there)."""
+        key = (name, torch.device(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = getattr(self, name).to(device)
+        return self._device_tables[key]
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε (eq. 4), t of shape (B,), x0 of shape (B, ...)."""
         shape = (-1,) + (1,) * (x0.ndim - 1)
-        t = t.cpu()
-        a = self.sqrt_alphas_cumprod[t].to(x0.device, x0.dtype).view(shape)
-        s = self.sqrt_one_minus_alphas_cumprod[t].to(x0.device, x0.dtype).view(shape)
-        return a * x0 + s * noise
+        a = self.table_on("sqrt_alphas_cumprod", t.device)[t].to(x0.device, x0.dtype).view(shape)
+        s = self.table_on("sqrt_one_minus_alphas_cumprod", t.device)[t]
+        return a * x0 + s.to(x0.device, x0.dtype).view(shape) * noise

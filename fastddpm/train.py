@@ -26,14 +26,15 @@ import torch.nn.functional as F
 
 from . import checkpoint, data, images
 from .distributed import init_distributed
+from .dtypes import DTYPES
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, read_torch_file
 from .model import DiffusionModel, SamplingDefaults
 from .runtime import sample
 from .schedule import Schedule, ScheduleConfig
 from .unet import UNet, UNetConfig, named_config
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(DTYPES)  # autocast to this dtype; fp32: no autocast
 STATE_FORMAT = "fastddpm-train-state"
 HELDOUT_PAIRS = 512  # (x0, t, ε) triples of the held-out loss, drawn once per run
 HELDOUT_SEED = 1234
@@ -124,11 +125,7 @@ def _make_run_folder(out: Path) -> None:
 
 
 def _load_state(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — any failure here means the same thing to the user
-        raise UserError(f"cannot read {path} ({type(e).__name__}); it is damaged — "
-                        "start a new run with another --out") from None
+    state = read_torch_file(path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path} is not a fastddpm training state")
     return state
@@ -241,8 +238,8 @@ class Trainer:
         """One step of Algorithm 1; returns the loss as a device scalar (no host sync here)."""
         cfg = self.cfg
         x_t, t, noise = self._batch()
-        dtype = PRECISIONS[cfg.precision]
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        dtype = DTYPES[cfg.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = F.mse_loss(self.model(x_t, t).float(), noise)  # L_simple (eq. 14)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

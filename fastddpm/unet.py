@@ -17,6 +17,7 @@ from torch import nn
 
 from . import kernels
 from .errors import UserError
+from .kernels.dispatch import check_mode
 
 
 @dataclass(frozen=True)
@@ -88,29 +89,37 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-def norm_act(x: torch.Tensor, norm: nn.GroupNorm, bias_nc: torch.Tensor | None = None,
-             silu: bool = True) -> torch.Tensor:
-    """The one place a GroupNorm (→ SiLU) runs, so the fused kernel replaces them all."""
-    return kernels.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps,
-                                   bias_nc, silu)
+class NormAct(nn.GroupNorm):
+    """GroupNorm (+ a per-sample channel bias) (→ SiLU): the one place a norm runs, so the fused
+    kernel replaces them all. `kernels` is its dispatch mode (kernels.dispatch); the weights
+    are nn.GroupNorm's, so checkpoints do not see the difference."""
+
+    def __init__(self, groups: int, channels: int, eps: float, silu: bool = True):
+        super().__init__(groups, channels, eps)
+        self.silu = silu
+        self.kernels = "auto"
+
+    def forward(self, x: torch.Tensor, bias_nc: torch.Tensor | None = None) -> torch.Tensor:
+        return kernels.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps,
+                                       bias_nc, self.silu, mode=self.kernels)
 
 
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb_channels: int, cfg: UNetConfig):
         super().__init__()
-        self.norm1 = nn.GroupNorm(cfg.groups, cin, cfg.eps)
+        self.norm1 = NormAct(cfg.groups, cin, cfg.eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.temb_proj = nn.Linear(temb_channels, cout)
-        self.norm2 = nn.GroupNorm(cfg.groups, cout, cfg.eps)
+        self.norm2 = NormAct(cfg.groups, cout, cfg.eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         """x: (B, cin, H, W); temb_act: SiLU of the time embedding, (B, temb_channels)."""
-        h = self.conv1(norm_act(x, self.norm1))
+        h = self.conv1(self.norm1(x))
         # the paper adds the projected embedding right before norm2: fold it into the norm
-        h = norm_act(h, self.norm2, bias_nc=self.temb_proj(temb_act))
+        h = self.norm2(h, bias_nc=self.temb_proj(temb_act))
         h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
@@ -120,13 +129,13 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
-        self.norm = nn.GroupNorm(cfg.groups, channels, cfg.eps)
+        self.norm = NormAct(cfg.groups, channels, cfg.eps, silu=False)
         self.qkv = nn.Linear(channels, 3 * channels)  # the paper's q, k, v NIN layers, fused
         self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = norm_act(x, self.norm, silu=False).flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/√C
         out = self.proj(out).transpose(1, 2).reshape(b, c, h, w)
@@ -202,7 +211,7 @@ class UNet(nn.Module):
             if i > 0:
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(cfg.groups, cur, cfg.eps)
+        self.norm_out = NormAct(cfg.groups, cur, cfg.eps)
         self.conv_out = nn.Conv2d(cur, cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -228,4 +237,13 @@ class UNet(nn.Module):
                     h = level.attn[i](h)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.conv_out(norm_act(h, self.norm_out))
+        return self.conv_out(self.norm_out(h))
+
+    def set_kernels(self, mode: str) -> UNet:
+        """Dispatch mode of every norm (kernels.dispatch): 'reference' for a graph of standard
+        ops (ONNX export), 'auto' for the fused kernels where they apply."""
+        check_mode(mode)
+        for module in self.modules():
+            if isinstance(module, NormAct):
+                module.kernels = mode
+        return self

@@ -6,17 +6,17 @@
   bias, + SiLU) for the U-Net (torch op `fastddpm::group_norm_silu`).
 - `gaussian(...)`: the noise both draw, as a reference (kernels.noise).
 
-Each runs its Triton kernel on CUDA tensors and its reference elsewhere (see kernels.dispatch).
-`use_reference()` forces the references inside a `with` block — use it while tracing for ONNX
-export, so the graph holds standard ops instead of `fastddpm::` custom ops:
+Each runs its Triton kernel on CUDA tensors and its reference elsewhere; `mode="reference"`
+forces the reference (see kernels.dispatch). Tracing for ONNX export sets that mode on the
+traced U-Net, so the graph holds standard ops instead of `fastddpm::` custom ops:
 
-    with fastddpm.kernels.use_reference():
-        torch.onnx.export(unet, (x, t), "unet.onnx", ...)
+    unet.set_kernels("reference")
+    torch.onnx.export(unet, (x, t), "unet.onnx", ...)
 """
-from .dispatch import HAS_TRITON, use_reference
+from .dispatch import HAS_TRITON, KERNEL_MODES
 from .group_norm_silu import group_norm_silu, group_norm_silu_reference
 from .noise import gaussian
 from .reverse_step import reverse_step, reverse_step_reference
 
-__all__ = ["HAS_TRITON", "gaussian", "group_norm_silu", "group_norm_silu_reference",
-           "reverse_step", "reverse_step_reference", "use_reference"]
+__all__ = ["HAS_TRITON", "KERNEL_MODES", "gaussian", "group_norm_silu", "group_norm_silu_reference",
+           "reverse_step", "reverse_step_reference"]

@@ -28,6 +28,7 @@ from unittest import mock
 import torch
 
 from fastddpm import kernels
+from fastddpm.dtypes import DTYPES
 from fastddpm.unet import CONFIGS, UNet, UNetConfig
 
 try:
@@ -45,9 +46,6 @@ except ImportError as missing:
         sys.exit(f"compile_report needs Triton with its NVIDIA backend ({missing.name} is missing); "
                  "pip install 'fastddpm[kernels]'")
     raise
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class CompiledLaunch:

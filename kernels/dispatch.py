@@ -1,14 +1,18 @@
-"""When the fused Triton kernels run, and when the plain-torch references do.
+"""When the fused Triton kernels run, and when the plain-torch references do — chosen per call
+by an explicit `mode`, never by process-wide state:
 
-The fused path runs for CUDA tensors of a dtype the kernels handle (fp32/fp16/bf16) when Triton
-is importable, outside `use_reference()` and outside autograd (training differentiates through
-the references; the kernels have no backward). Everything else — CPU tensors, float64, tracing
-for ONNX export, a machine without Triton — takes the reference.
+- "auto" (the default): the torch op, whose body is the Triton kernel, for CUDA tensors of a
+  dtype the kernels handle (fp32/fp16/bf16) when Triton is importable; the reference elsewhere
+  (CPU tensors, float64, a machine without Triton);
+- "reference": always the plain-torch reference (ONNX export traces standard ops);
+- "op": always the torch op where Triton is importable (its CPU kernel is the reference), which
+  is how a CPU reaches the op's wiring.
+
+With autograd recording through any input the reference runs in every mode: training
+differentiates through it, the kernels have no backward. The U-Net holds its mode on its norm
+layers (`UNet.set_kernels`), so a traced or compiled copy carries its own.
 """
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 
@@ -20,22 +24,12 @@ except ImportError:  # CPU-only installs: the references serve
     HAS_TRITON = False
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FUSED_DEVICES = ("cuda",)  # where the custom ops are called (tests add "cpu" to reach the ops)
-
-# A plain module counter, not a ContextVar: dynamo cannot trace ContextVar.get(), and the U-Net
-# is compiled with fullgraph=True. Not thread-local — export traces on one thread.
-_force_reference_depth = 0
+KERNEL_MODES = ("auto", "reference", "op")
 
 
-@contextlib.contextmanager
-def use_reference() -> Iterator[None]:
-    """Run the plain-torch references inside this block (ONNX export traces standard ops)."""
-    global _force_reference_depth
-    _force_reference_depth += 1
-    try:
-        yield
-    finally:
-        _force_reference_depth -= 1
+def check_mode(mode: str) -> None:
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
 
 
 def kernel_applies(x: torch.Tensor) -> bool:
@@ -43,17 +37,15 @@ def kernel_applies(x: torch.Tensor) -> bool:
     return HAS_TRITON and x.device.type == "cuda" and x.dtype in FUSED_DTYPES
 
 
-def fused_available(device: torch.device) -> bool:
-    """Whether the fused kernels serve tensors on `device` here and now."""
-    return HAS_TRITON and device.type in FUSED_DEVICES and _force_reference_depth == 0
-
-
-def use_fused(*tensors: torch.Tensor | None) -> bool:
-    """The fused op for these tensors (the first is the activation), or the reference?"""
+def use_fused(mode: str, *tensors: torch.Tensor | None) -> bool:
+    """The torch op for these tensors (the first is the activation), or the reference?"""
+    check_mode(mode)
     present = [t for t in tensors if t is not None]
-    if not fused_available(present[0].device) or present[0].dtype not in FUSED_DTYPES:
+    if mode == "reference" or not HAS_TRITON:
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return mode == "op" or kernel_applies(present[0])
 
 
 def dense_layout(x: torch.Tensor) -> torch.memory_format:

@@ -198,12 +198,13 @@ if HAS_TRITON:
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
                     eps: float, bias_nc: torch.Tensor | None = None,
-                    silu: bool = True) -> torch.Tensor:
+                    silu: bool = True, mode: str = "auto") -> torch.Tensor:
     """The fused op the U-Net calls for every GroupNorm (→ SiLU).
 
     x: (N, C, *spatial), NCHW or channels_last; weight, bias: (C,); bias_nc: (N, C) or None.
-    Differentiable: with autograd recording through any input it runs the reference."""
-    if not use_fused(x, weight, bias, bias_nc):
+    mode: see kernels.dispatch. Differentiable: with autograd recording through any input it
+    runs the reference."""
+    if not use_fused(mode, x, weight, bias, bias_nc):
         return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu)
     x = x.contiguous(memory_format=dense_layout(x))  # no copy for NCHW or channels_last input
     bias_nc = None if bias_nc is None else bias_nc.contiguous()

@@ -160,7 +160,8 @@ def _write_reference(x, eps, coef, step, rng, x0_prev, out, x0_out, clip) -> Non
 def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
                  rng: torch.Tensor, x0_prev: torch.Tensor | None = None, clip: bool = False, *,
                  out: torch.Tensor | None = None, x0_out: torch.Tensor | None = None,
-                 return_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 return_x0: bool = True, mode: str = "auto"
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One reverse step with row `step` of the table and noise drawn from `rng`.
 
     x, eps, x0_prev: (B, ...) in one dtype; coef: (S, 7) float32 table; step: int64 (1,) index
@@ -168,8 +169,8 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
     index of the batch's first sample). Both live on the device so a CUDA graph replays them.
     `out` / `x0_out` (x's shape, dtype and layout) receive x_prev / x̂0 in place — `out` may be
     x and `x0_out` may be x0_prev. With return_x0=False and no x0_out, x̂0 is neither written
-    nor returned (None). Returns (x_prev, x̂0)."""
-    if not use_fused(x, eps, x0_prev):
+    nor returned (None). mode: see kernels.dispatch. Returns (x_prev, x̂0)."""
+    if not use_fused(mode, x, eps, x0_prev):
         x_prev, x0 = _reference_step(x, eps, coef, step, rng, x0_prev, clip)
         if out is not None:
             x_prev = out.copy_(x_prev)
@@ -186,7 +187,8 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
     if x0_out is None and return_x0:
         x0_out = torch.empty_like(x)
     for buffer in (out, x0_out):
-        assert buffer is None or (buffer.dtype == x.dtype and buffer.stride() == x.stride()), \
-            "out buffers must match x in dtype and layout"
+        if buffer is not None and (buffer.dtype != x.dtype or buffer.stride() != x.stride()):
+            raise ValueError(f"out buffers must match x in dtype and layout: x is {x.dtype} with "
+                             f"strides {x.stride()}, a buffer {buffer.dtype} with {buffer.stride()}")
     torch.ops.fastddpm.reverse_step(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
     return out, x0_out

@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastddpm.dtypes import DTYPES
 from fastddpm.errors import UserError
-from fastddpm.runtime import DTYPES
-from fastddpm.samplers import SAMPLERS, SPACINGS
+from fastddpm.options import MAX_BATCH, SamplingOptions, add_sampling_arguments
 
 from . import GRAPHS, require_onnx_export
 
 FORMATS = ("onnx", "tensorrt")
-DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_BATCH = MAX_BATCH  # a dynamic engine takes every batch the runtime draws
 
 
 def _batch(text: str) -> int | None:
@@ -43,13 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ONNX opset (default 21, 22 for bf16; below 21 GroupNorm is decomposed)")
     p.add_argument("--what", default="eps", choices=GRAPHS,
                    help="eps: the ε-model; step: one sampler step with the ε-model inside; both")
-    g = p.add_argument_group("step graph sampler")
-    g.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
-    g.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's T)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM η in [0, 1]")
-    g.add_argument("--spacing", default="leading", choices=SPACINGS)
-    g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
-                   help="clip the predicted x0 to [-1, 1] (default: the model's setting)")
+    add_sampling_arguments(p, execution=False)  # the step graph's sampler
 
 
 def default_out(model: str, what: str, fmt: str) -> Path:
@@ -71,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch <= 0:
         raise UserError(f"--max-batch must be positive, got {args.max_batch}")
     options = OnnxOptions(dtype=args.dtype, batch=args.batch, opset=args.opset, what=args.what,
-                          sampler=args.sampler, steps=args.steps, eta=args.eta,
-                          spacing=args.spacing, clip=args.clip)
+                          sampling=SamplingOptions.from_args(args))
     out = Path(args.out) if args.out else default_out(args.model, args.what, args.format)
     model = checkpoint.load(args.model)
     if args.format == "onnx":

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import load, save
-from .files import check_writable_folder_target, check_writable_target
-from .interop import save_folder
-from .interop.diffusers import REPLACEABLE
+from ..checkpoint import load, save
+from ..files import check_writable_folder_target, check_writable_target
+from ..interop import save_folder
+from ..interop.diffusers import REPLACEABLE
 
 TARGETS = ("fastddpm", "diffusers")
 DEFAULT_OUT = {"fastddpm": "model.pt", "diffusers": "model-diffusers"}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .train import PRECISIONS, TrainConfig, Trainer
+from ..train import PRECISIONS, TrainConfig, Trainer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,23 @@
+"""The dtypes a user names (fp32 / fp16 / bf16): one table for every command and engine."""
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'fp32' → torch.float32; an unknown name is a one-line UserError."""
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float32 → 'fp32'."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"{dtype} is not one of fastddpm's dtypes ({', '.join(DTYPES)})")

@@ -1,0 +1,111 @@
+"""Every sampling choice in one frozen object, with one set of defaults, parsed in one place.
+
+`SamplingOptions` is what `fastddpm.sample()`, `Sampler`, the paper's uses, export's step graph,
+`bench` and `eval` all take; `add_sampling_arguments(parser)` gives every command that samples
+the same flags, and `SamplingOptions.from_args(args)` reads them back. An option the chosen
+sampler does not use (η for DDPM, say) is refused in one line, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, fields, replace
+
+from .backends import backend_names
+from .dtypes import DTYPES
+from .errors import UserError
+from .samplers import SAMPLERS, SPACINGS
+
+# the largest batch the runtime draws at once, and so the batch range of engines built for it
+MAX_BATCH = 256
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample. None means "the model's own setting" (steps: its T; clip: its default)."""
+
+    sampler: str = "ddpm"  # ddpm | ddim | dpm++
+    steps: int | None = None  # ε evaluations; None: the model's T
+    eta: float | None = None  # DDIM's η in [0, 1]; None: 0 (deterministic). DDIM only
+    spacing: str = "leading"  # how the visited timesteps are spread when steps < T
+    clip: bool | None = None  # clip x̂0 to [−1, 1]; None: the model's default
+    device: str | None = None  # cpu | cuda[:N]; None: the GPU if there is one
+    backend: str = "torch"  # the ε engine (fastddpm.backends)
+    dtype: str = "fp32"  # the U-Net's weights and activations; the step is fp32 whatever this
+    cuda_graph: bool = True  # capture the whole step as a CUDA graph (CUDA only)
+    batch_size: int | None = None  # images per batch; None: min(num, MAX_BATCH)
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.spacing not in SPACINGS:
+            raise UserError(f"unknown timestep spacing {self.spacing!r}; choose one of "
+                            f"{', '.join(SPACINGS)}")
+        if self.steps is not None and self.steps <= 0:
+            raise UserError(f"steps must be positive, got {self.steps}")
+        if self.eta is not None:
+            if "eta" not in SAMPLERS[self.sampler].options:
+                raise UserError(f"η is a DDIM option; the {self.sampler} sampler takes none "
+                                "(drop --eta, or use --sampler ddim)")
+            if not (math.isfinite(self.eta) and 0.0 <= self.eta <= 1.0):
+                raise UserError(f"eta must be in [0, 1], got {self.eta}")
+        if self.backend not in backend_names():
+            raise UserError(f"unknown backend {self.backend!r}; choose one of "
+                            f"{', '.join(backend_names())}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise UserError(f"batch size must be positive, got {self.batch_size}")
+
+    @classmethod
+    def of(cls, options: SamplingOptions | None = None, **choices) -> SamplingOptions:
+        """`options` (default: the defaults) with `choices` replaced: what every function that
+        takes `options=` and keyword choices (`steps=20, sampler="ddim"`) resolves them to."""
+        options = cls() if options is None else options
+        return options.replace(**choices) if choices else options
+
+    def replace(self, **changes) -> SamplingOptions:
+        """A copy with `changes` (checked like a new object; unknown names are a TypeError)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SamplingOptions:
+        """The options `add_sampling_arguments` put on `args` (those a command left out keep
+        their defaults)."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if hasattr(args, "no_cuda_graph"):
+            given["cuda_graph"] = not args.no_cuda_graph
+        return cls(**given)
+
+    def batches(self, num: int) -> list[tuple[int, int]]:
+        """(first sample index, batch size) for `num` samples."""
+        size = min(num, self.batch_size or MAX_BATCH)
+        return [(first, min(size, num - first)) for first in range(0, num, size)]
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, execution: bool = True) -> None:
+    """The flags of every command that samples; `execution=False` keeps only the sampler's own
+    (what an exported step graph bakes in: no device, engine or batch)."""
+    d = SamplingOptions()
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler", default=d.sampler, choices=list(SAMPLERS),
+                   help="ddpm: the paper's ancestral sampler; ddim; dpm++: DPM-Solver++(2M) "
+                        "(default: %(default)s)")
+    g.add_argument("--steps", type=int, default=d.steps,
+                   help="sampling steps = ε evaluations (default: the model's T)")
+    g.add_argument("--eta", type=float, default=d.eta,
+                   help="DDIM only: η in [0, 1] (default 0: deterministic)")
+    g.add_argument("--spacing", default=d.spacing, choices=SPACINGS,
+                   help="timestep spacing when steps < T (default: %(default)s)")
+    g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=d.clip,
+                   help="clip the predicted x0 to [-1, 1] (default: the model's setting)")
+    if not execution:
+        return
+    g.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default: cuda if present)")
+    g.add_argument("--backend", default=d.backend, choices=backend_names(),
+                   help="the engine that computes ε (default: %(default)s)")
+    g.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
+                   help="U-Net dtype; the step update is fp32 whatever this (default: %(default)s)")
+    g.add_argument("--no-cuda-graph", action="store_true", help="run the step loop eagerly on CUDA")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"images per batch (default: up to {MAX_BATCH})")
