@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fastddpm.dtypes import DTYPES
 from fastddpm.errors import UserError
+from fastddpm.files import refuse_overwriting_inputs
 from fastddpm.options import MAX_BATCH, SamplingOptions, add_sampling_arguments
 
 from . import GRAPHS, require_onnx_export
@@ -67,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     options = OnnxOptions(dtype=args.dtype, batch=args.batch, opset=args.opset, what=args.what,
                           sampling=SamplingOptions.from_args(args))
     out = Path(args.out) if args.out else default_out(args.model, args.what, args.format)
+    from .onnx import output_paths
+
+    for path in output_paths(out, args.what).values():  # with their .data sidecars
+        refuse_overwriting_inputs(path, args.model)
+        refuse_overwriting_inputs(f"{path}.data", args.model)
     model = checkpoint.load(args.model)
     if args.format == "onnx":
         from .onnx import export_onnx

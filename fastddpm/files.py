@@ -2,6 +2,7 @@
 half-done (nor lose the file they replace), and torch files read so that no code in them runs."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -19,6 +20,8 @@ from .errors import UserError
 
 def _check_parent(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{parent} is a file, not a folder; choose another output path")
     if not parent.is_dir():
         raise UserError(f"output folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
@@ -49,29 +52,50 @@ def atomic_write(path: str | os.PathLike):
         raise
 
 
-def check_writable_folder_target(path: str | os.PathLike, replaceable: tuple[str, ...]) -> Path:
-    """Fail early when folder `path` cannot be written. An existing folder is only replaced when
-    it holds one of the `replaceable` marker files (a model folder we may overwrite), so a typo
-    never deletes someone's data."""
+# Every folder fastddpm writes holds this file: the names of the files it wrote there. An
+# existing folder is replaced only when it holds exactly those files, so a typo in a path never
+# deletes someone's data (a diffusers folder of their own, a folder of photos).
+FOLDER_MARKER = ".fastddpm-written"
+
+
+def _written_by_us(folder: Path) -> bool:
+    try:
+        listed = json.loads((folder / FOLDER_MARKER).read_text())
+    except (OSError, ValueError):  # no marker, unreadable, or not JSON
+        return False
+    present = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                     if p.is_file() and p.name != FOLDER_MARKER)
+    return isinstance(listed, list) and sorted(map(str, listed)) == present
+
+
+def check_writable_folder_target(path: str | os.PathLike) -> Path:
+    """Fail early when folder `path` cannot be written. An existing non-empty folder may only be
+    replaced when fastddpm wrote it and nothing else was added since (FOLDER_MARKER)."""
     path = Path(path)
+    if not str(path) or path.resolve() == Path.cwd().resolve():
+        raise UserError("the output folder is the current folder; give a new folder name")
     _check_parent(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file; give a folder name")
-    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in replaceable):
-        raise UserError(f"{path} is a folder that holds other things; choose a new folder name")
+    if path.is_dir() and any(path.iterdir()) and not _written_by_us(path):
+        raise UserError(f"{path} holds files fastddpm did not write; choose a new folder name "
+                        "(nothing was changed)")
     return path
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike, replaceable: tuple[str, ...] = ()):
+def atomic_folder(path: str | os.PathLike):
     """Yield a temp folder beside `path`; it becomes `path` only if the block succeeds. A folder
-    already at `path` is moved aside first and deleted once the new one is in place (restored if
-    the swap fails), so `path` is always either the old folder or the complete new one."""
-    path = check_writable_folder_target(path, replaceable)
+    already at `path` (one fastddpm wrote: check_writable_folder_target) is moved aside first and
+    deleted once the new one is in place (restored if the swap fails), so `path` is always
+    either the old folder or the complete new one."""
+    path = check_writable_folder_target(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     old = None
     try:
         yield tmp
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / FOLDER_MARKER).write_text(json.dumps(written))
         _open_like_new_files(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
@@ -86,6 +110,19 @@ def atomic_folder(path: str | os.PathLike, replaceable: tuple[str, ...] = ()):
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_overwriting_inputs(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """A one-line error when the output path is (or lies inside) one of the inputs: an export or
+    conversion must never replace the file it reads."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        if target == source or source in target.parents:
+            raise UserError(f"the output {out} would overwrite the input {given}; "
+                            "choose another output path")
 
 
 def _open_like_new_files(target: Path) -> None:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
-from .files import atomic_write, check_writable_target
+from .files import atomic_folder, atomic_write, check_writable_folder_target, check_writable_target
 
 FORMATS = ("png", "npz", "folder")
 
@@ -50,11 +50,11 @@ def output_format(path: str | Path) -> str:
 
 def check_output(path: str | Path) -> str:
     """Validate the output target before any sampling work; returns its format."""
+    if not str(path):
+        raise UserError("the output path is empty; give a .png, .npz or folder/ name")
     fmt = output_format(path)
     if fmt == "folder":
-        parent = Path(str(path).rstrip("/")).parent
-        if not parent.is_dir():
-            raise UserError(f"output folder {parent} does not exist; create it first")
+        check_writable_folder_target(str(path).rstrip("/") or "/")
     else:
         check_writable_target(path)
     return fmt
@@ -72,8 +72,8 @@ def save(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Non
             with open(tmp, "wb") as f:
                 np.savez(f, images=to_uint8(images))
     else:
-        folder = Path(str(path).rstrip("/"))
-        folder.mkdir(exist_ok=True)
-        for k, arr in enumerate(to_uint8(images)):
-            with atomic_write(folder / f"{k:06d}.png") as tmp:
-                Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp, format="PNG")
+        # built beside and swapped in whole: two runs never mix, no stale image stays
+        with atomic_folder(str(path).rstrip("/")) as folder:
+            for k, arr in enumerate(to_uint8(images)):
+                Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(
+                    folder / f"{k:06d}.png", format="PNG")

@@ -11,9 +11,8 @@ import argparse
 import sys
 
 from ..checkpoint import load, save
-from ..files import check_writable_folder_target, check_writable_target
+from ..files import check_writable_folder_target, check_writable_target, refuse_overwriting_inputs
 from ..interop import save_folder
-from ..interop.diffusers import REPLACEABLE
 
 TARGETS = ("fastddpm", "diffusers")
 DEFAULT_OUT = {"fastddpm": "model.pt", "diffusers": "model-diffusers"}
@@ -30,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = args.out or DEFAULT_OUT[args.to]
     # fail on a bad output path before reading (and building) a possibly large model
+    refuse_overwriting_inputs(out, args.src)
     if args.to == "diffusers":
-        check_writable_folder_target(out, REPLACEABLE)
+        check_writable_folder_target(out)
     else:
         check_writable_target(out)
     model = load(args.src)

@@ -13,6 +13,7 @@ import torch
 
 from .. import data, images, paper
 from ..errors import UserError
+from ..files import refuse_overwriting_inputs
 from ..options import SamplingOptions, add_sampling_arguments
 from ..runtime import check_request, sample
 
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fmt = images.check_output(args.out)  # fail before minutes of sampling, not after
+    refuse_overwriting_inputs(args.out, args.model, args.source)
     if args.progressive is not None and args.source is not None:
         raise UserError("--progressive draws from noise; drop --from (or --progressive)")
     if args.source is None and (args.t is not None or args.interpolate is not None):

@@ -33,7 +33,6 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 PIPELINE_INDEX = "model_index.json"
 PIPELINE_COMPONENTS = {"unet": "UNet2DModel", "scheduler": None}  # None: any class we can read
 # an existing output folder holding one of these is a model folder we may replace
-REPLACEABLE = (UNET_CONFIG, PIPELINE_INDEX)
 
 # diffusers before 0.15 named attention parameters query/key/value/proj_attn
 _LEGACY_ATTENTION = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
@@ -131,7 +130,7 @@ def save_folder(model: DiffusionModel, folder: str | Path) -> Path:
     theirs = to_theirs(state, param_map(state, DIFFUSERS, len(cfg.channel_mult)))
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
              "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-    with atomic_folder(folder, replaceable=REPLACEABLE) as tmp:
+    with atomic_folder(folder) as tmp:
         save_file(theirs, str(tmp / f"{WEIGHTS}.safetensors"), metadata={"format": "pt"})
         for name, data in ((UNET_CONFIG, unet_config_to_diffusers(cfg)),
                            (SCHEDULER_CONFIG, schedule_to_diffusers(model.schedule.config,
