@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from types import ModuleType
 
 
@@ -16,3 +18,13 @@ def require_extra(module: str, extra: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{purpose} needs {module.split('.')[0]}; pip install 'fastddpm[{extra}]'") from None
+
+
+def is_integer(value: object) -> bool:
+    """An int of any kind (numpy's too), not a bool: what a config's count fields must be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)

@@ -47,8 +47,10 @@ class DiffusionModel:
     def from_weights(cls, unet_config: UNetConfig, schedule_config: ScheduleConfig,
                      sampling: SamplingDefaults, state: dict, where: str) -> DiffusionModel:
         """A model around trained weights, in eval mode (`where` names their source in errors)."""
+        with torch.device("meta"):  # shapes only: a config that disagrees costs no memory
+            check_weights(UNet(unet_config), state, where)
         unet = UNet(unet_config)
-        load_weights(unet, state, where)
+        unet.load_state_dict(state)
         return cls(unet.eval(), Schedule(schedule_config), sampling)
 
     @property
@@ -70,16 +72,22 @@ class DiffusionModel:
                           clip=clip, start=start, **extra)
 
 
-def load_weights(unet: torch.nn.Module, state: dict, where: str) -> None:
-    """Strict load naming the first missing, unexpected or mis-shaped key."""
+def check_weights(unet: torch.nn.Module, state: dict, where: str) -> None:
+    """A one-line error naming the first missing, unexpected, mis-shaped or non-finite weight."""
     expected = unet.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise UserError(f"{where}: weight {key!r} is not a floating-point tensor")
     for key, value in expected.items():
         if key not in state:
             raise UserError(f"{where}: missing weight {key!r}")
         if tuple(state[key].shape) != tuple(value.shape):
             raise UserError(f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, "
                             f"the config needs {tuple(value.shape)}")
-    for key in state:
+    for key, value in state.items():
         if key not in expected:
             raise UserError(f"{where}: unexpected weight {key!r}")
-    unet.load_state_dict(state)
+        if not bool(torch.isfinite(value).all()):
+            raise UserError(f"{where}: weight {key!r} holds NaN or infinite values; the file is "
+                            "damaged (or the training diverged)")
+

@@ -61,6 +61,9 @@ class SamplingOptions:
     def of(cls, options: SamplingOptions | None = None, **choices) -> SamplingOptions:
         """`options` (default: the defaults) with `choices` replaced: what every function that
         takes `options=` and keyword choices (`steps=20, sampler="ddim"`) resolves them to."""
+        if options is not None and not isinstance(options, SamplingOptions):
+            raise TypeError(f"options must be a SamplingOptions, got {options!r}; pass single "
+                            "choices as keywords (sampler='ddim', steps=20)")
         options = cls() if options is None else options
         return options.replace(**choices) if choices else options
 

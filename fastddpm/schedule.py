@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, is_integer, is_number
 
 KINDS = ("linear", "cosine", "quadratic", "custom")
+MAX_TIMESTEPS = 100_000  # far past any published schedule; bounds the float64 tables (T,)
 
 
 def make_betas(kind: str = "linear", num_timesteps: int = 1000, beta_start: float = 1e-4,
@@ -54,7 +55,28 @@ class ScheduleConfig:
         unknown = set(d) - {"kind", "num_timesteps", "beta_start", "beta_end", "betas"}
         if unknown:
             raise UserError(f"unknown schedule field(s) {sorted(unknown)}")
-        return cls(**d)
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Types and ranges, checked before any table is built (a file may say anything)."""
+        if self.kind not in KINDS:
+            raise UserError(f"unknown beta schedule {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if not is_integer(self.num_timesteps) or not 2 <= self.num_timesteps <= MAX_TIMESTEPS:
+            raise UserError(f"schedule num_timesteps must be an integer in 2..{MAX_TIMESTEPS}, "
+                            f"got {self.num_timesteps!r}")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if not is_number(value) or not 0.0 < value < 1.0:
+                raise UserError(f"schedule {name} must be a number in (0, 1), got {value!r}")
+        if self.betas is not None:
+            if (not isinstance(self.betas, list | tuple)
+                    or not all(map(is_number, self.betas))):
+                raise UserError("schedule betas must be a list of numbers")
+            if len(self.betas) != self.num_timesteps:
+                raise UserError(f"the schedule lists {len(self.betas)} betas for "
+                                f"num_timesteps={self.num_timesteps}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,8 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .errors import UserError
+from .errors import UserError, is_integer, is_number
 from .kernels.dispatch import check_mode
+
+# Bounds on what a config may ask for, far past every published DDPM model (the 256² one has
+# 113.7M parameters, 512 channels, 6 levels): a file that asks for more is refused before any
+# memory is taken.
+MAX_IMAGE_SIZE = 2048
+MAX_CHANNELS = 8192
+MAX_LEVELS = 10
+MAX_PARAMETERS = 4_000_000_000
 
 
 @dataclass(frozen=True)
@@ -54,12 +62,41 @@ class UNetConfig:
         return cfg
 
     def validate(self) -> None:
+        """Types, ranges and the sizes they imply, checked before anything is allocated: a
+        model file may ask for anything, and building it first could take the machine's memory."""
+        ints = {"image_size": (1, MAX_IMAGE_SIZE), "in_channels": (1, 64), "out_channels": (1, 64),
+                "base_channels": (1, MAX_CHANNELS), "num_res_blocks": (1, 16), "groups": (1, MAX_CHANNELS)}
+        for name, (low, high) in ints.items():
+            value = getattr(self, name)
+            if not is_integer(value) or not low <= value <= high:
+                raise UserError(f"U-Net {name} must be an integer in {low}..{high}, got {value!r}")
+        for name, low, high in (("channel_mult", 1, 64), ("attn_resolutions", 1, MAX_IMAGE_SIZE)):
+            values = getattr(self, name)
+            if (not isinstance(values, tuple) or not all(map(is_integer, values))
+                    or any(not low <= v <= high for v in values)):
+                raise UserError(f"U-Net {name} must be a list of integers in {low}..{high}, "
+                                f"got {values!r}")
+        if not 1 <= len(self.channel_mult) <= MAX_LEVELS:
+            raise UserError(f"U-Net channel_mult must have 1..{MAX_LEVELS} levels, "
+                            f"got {len(self.channel_mult)}")
+        for name, low, high in (("dropout", 0.0, 1.0), ("eps", 1e-12, 1.0)):
+            value = getattr(self, name)
+            if not is_number(value) or not low <= value < high:
+                raise UserError(f"U-Net {name} must be a number in [{low}, {high}), got {value!r}")
         widths = [self.base_channels * m for m in self.channel_mult]
+        if max(widths) > MAX_CHANNELS:
+            raise UserError(f"U-Net level widths {widths} exceed {MAX_CHANNELS} channels")
         if any(w % self.groups for w in widths):
             raise UserError(f"every level width {widths} must be divisible by groups={self.groups}")
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise UserError(f"image_size {self.image_size} must be divisible by "
                             f"2^{len(self.channel_mult) - 1} for {len(self.channel_mult)} levels")
+        # the widest 3×3 convolution dominates: bound the weights before building them
+        params = 9 * max(widths) ** 2 * (2 * self.num_res_blocks + 1) * len(widths)
+        if params > MAX_PARAMETERS:
+            raise UserError(f"this U-Net config asks for roughly {params:.1e} parameters, more "
+                            f"than the {MAX_PARAMETERS:.0e} fastddpm builds; the file is damaged "
+                            "or not a model of this kind")
 
 
 # Named configurations. cifar10: the paper's 35.7M model (35,746,307 parameters);

@@ -182,20 +182,23 @@ def test_failed_write_leaves_no_folder_and_keeps_the_old_one(model, tmp_path, mo
 
 
 def test_replacing_an_existing_model_folder(model, tmp_path):
+    """Our own untouched folder is replaced; once someone adds a file, it is theirs."""
     save_folder(model, tmp_path / "out")
-    (tmp_path / "out" / "stale.txt").write_text("from an older export")
     save_folder(model, tmp_path / "out")
-    assert not (tmp_path / "out" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    (tmp_path / "out" / "notes.txt").write_text("added by the user")
+    with pytest.raises(UserError, match="did not write"):
+        save_folder(model, tmp_path / "out")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "added by the user"
 
 
 def test_refuses_to_overwrite_a_folder_that_is_not_a_model(model, tmp_path, capsys):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
-    with pytest.raises(UserError, match="holds other things"):
+    with pytest.raises(UserError, match="did not write"):
         save_folder(model, tmp_path / "photos")
     code = main(["convert", str(tmp_path / "src"), "--to", "diffusers", "-o", str(tmp_path / "photos")])
-    assert code == 2 and "holds other things" in capsys.readouterr().err
+    assert code == 2 and "did not write" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]
     code = main(["convert", str(tmp_path / "src"), "--to", "diffusers", "-o", str(tmp_path / "no" / "x")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
