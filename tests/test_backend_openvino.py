@@ -1,0 +1,136 @@
+"""The openvino ε backend: ε and a whole DDIM sample against torch fp32, a dynamic batch, bf16
+where the CPU has it (its one-line refusal where not), CUDA refused in one line, the entry
+point, and torch's thread count reaching the engine."""
+import pytest
+import torch
+
+ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+from fastddpm.backends import backend_names, get_backend  # noqa: E402
+from fastddpm.errors import UserError  # noqa: E402
+from fastddpm.export.openvino import OPENVINO, make  # noqa: E402
+from fastddpm.model import DiffusionModel  # noqa: E402
+from fastddpm.runtime import sample  # noqa: E402
+from fastddpm.schedule import ScheduleConfig  # noqa: E402
+from fastddpm.unet import UNetConfig  # noqa: E402
+
+TINY = UNetConfig(image_size=8, in_channels=3, out_channels=3, base_channels=16, channel_mult=(1, 2),
+                  num_res_blocks=1, attn_resolutions=(4,), groups=4, dropout=0.0)
+CPU = torch.device("cpu")
+HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = DiffusionModel.create(TINY, ScheduleConfig("linear", 50))
+    # every weight perturbed (norms around 1): not a near-identity net, and a mapping slip shows
+    with torch.no_grad():
+        for name, p in m.unet.named_parameters():
+            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(base + torch.randn_like(p) * (0.5 if "norm" in name else 0.2))
+    m.unet.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def denoise(model):
+    return make(model, CPU, torch.float32)
+
+
+def _inputs(batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 8, 8, generator=g)
+    t = torch.randint(0, 50, (batch,), generator=g, dtype=torch.int64)
+    return x, t
+
+
+def _torch_eps(model, x, t):
+    with torch.inference_mode():
+        return model.unet.float()(x, t)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_eps_matches_torch_at_any_batch(model, denoise, batch):
+    x, t = _inputs(batch, batch)
+    want = _torch_eps(model, x, t)
+    assert want.abs().max() > 0.1  # not a trivially small output
+    got = denoise(x, t)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_result_outlives_the_next_call(denoise):
+    x1, t1 = _inputs(2, 10)
+    first = denoise(x1, t1)
+    kept = first.clone()
+    denoise(*_inputs(2, 11))
+    assert torch.equal(first, kept)
+
+
+def test_ddim_sample_matches_torch(model):
+    kwargs = dict(num=3, steps=20, sampler="ddim", device="cpu", seed=3)
+    want = sample(model, backend="torch", **kwargs)
+    got = sample(model, backend="openvino", **kwargs)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no native bf16 (the refusal is tested)")
+def test_bf16_close_to_fp32(model):
+    denoise = make(model, CPU, torch.bfloat16)
+    assert denoise.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    x, t = _inputs(4, 20)
+    want = _torch_eps(model, x, t)
+    got = denoise(x.to(torch.bfloat16), t)
+    assert got.dtype == torch.bfloat16
+    scale = want.abs().max().item()
+    assert (got.float() - want).abs().max().item() < 0.15 * max(scale, 1.0)
+
+
+@pytest.mark.skipif(HAS_BF16, reason="this CPU has native bf16 (its accuracy is tested)")
+def test_bf16_refused_without_native_support(model):
+    with pytest.raises(UserError, match="no native bf16") as e:
+        make(model, CPU, torch.bfloat16)
+    assert "\n" not in str(e.value)
+
+
+def test_fp16_where_supported_else_refused(model):
+    if "FP16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        denoise = make(model, CPU, torch.float16)
+        x, t = _inputs(2, 30)
+        got = denoise(x.half(), t)
+        assert got.dtype == torch.float16
+        assert (got.float() - _torch_eps(model, x, t)).abs().max().item() < 0.05
+    else:
+        with pytest.raises(UserError, match="no native fp16.*--dtype fp32") as e:
+            make(model, CPU, torch.float16)
+        assert "\n" not in str(e.value)
+
+
+def test_cuda_device_refused_in_one_line(model, monkeypatch):
+    # refused before anything touches CUDA: make it an error to ask torch about it
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda)
+    monkeypatch.setattr(torch.cuda, "init", no_cuda)
+    with pytest.raises(UserError, match="runs on the CPU; pass --device cpu") as e:
+        make(model, torch.device("cuda"), torch.float32)
+    assert "\n" not in str(e.value)
+
+
+def test_entry_point_is_declared_and_loads():
+    assert "openvino" in backend_names()
+    assert get_backend("openvino") is OPENVINO  # the entry point names this module's Backend
+    assert not get_backend("openvino").graph_capturable
+
+
+def test_torch_threads_reach_the_engine(model):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        denoise = make(model, CPU, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert denoise.compiled.get_property("INFERENCE_NUM_THREADS") == 1
