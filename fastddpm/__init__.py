@@ -8,7 +8,6 @@ from .samplers import make_table
 from .schedule import Schedule, ScheduleConfig
 from .unet import CONFIGS, UNet, UNetConfig
 
-__all__ = ["CONFIGS", "DiffusionModel", "Sampler", "SamplingDefaults", "Schedule",
-           "SamplingOptions", "ScheduleConfig", "UNet", "UNetConfig", "UserError", "load", "make_table", "sample",
-           "save"]
+__all__ = ["CONFIGS", "DiffusionModel", "Sampler", "SamplingDefaults", "SamplingOptions", "Schedule",
+           "ScheduleConfig", "UNet", "UNetConfig", "UserError", "load", "make_table", "sample", "save"]
 __version__ = "0.1.0"
