@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastddpm.model import DiffusionModel
-from fastddpm.runtime import DTYPES, Sampler
+from fastddpm.dtypes import DTYPES
+from fastddpm.runtime import Sampler
 from fastddpm.unet import CONFIGS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +80,8 @@ def test_sampling_throughput(benchmark, case, impl):
     else:
         model = DiffusionModel.create(CONFIGS[config_name])
         backend = "compile" if impl == "fastddpm-compile" else "torch"
-        sampler = Sampler(model, model.table("ddim", steps), DEVICE, DTYPES[dtype], backend=backend)
+        sampler = Sampler(model, sampler="ddim", steps=steps, device=str(DEVICE), dtype=dtype,
+                          backend=backend)
 
         def run():
             sampler.run(seed=0, first=0, batch=batch)

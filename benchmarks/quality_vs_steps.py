@@ -1,6 +1,6 @@
 """Sample quality of a digits model against the number of sampling steps, per sampler.
 
-The judge of `fastddpm eval` (fastddpm.evaluate) is trained once; then, for each (sampler, steps),
+The judge of `fastddpm eval` (fastddpm.judge) is trained once; then, for each (sampler, steps),
 `num` samples of one seed are drawn and measured. Writes a JSON list and a markdown table:
 
     python benchmarks/quality_vs_steps.py --out benchmarks/results/default_model/quality_vs_steps
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fastddpm.checkpoint import load
-from fastddpm.evaluate import DigitClassifier, digit_metrics
+from fastddpm.judge import DigitClassifier, digit_metrics
 from fastddpm.runtime import sample
 
 CASES = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("ddim", 200), ("dpm++", 10), ("dpm++", 20),

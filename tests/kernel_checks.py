@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+
 from fastddpm.kernels.dispatch import HAS_TRITON
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

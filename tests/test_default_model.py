@@ -11,7 +11,7 @@ from scipy import linalg
 
 from fastddpm import checkpoint
 from fastddpm.cli import main
-from fastddpm.evaluate import DigitClassifier, digit_metrics, frechet_distance
+from fastddpm.judge import DigitClassifier, digit_metrics, frechet_distance
 from fastddpm.model import DiffusionModel
 from fastddpm.runtime import sample
 from fastddpm.schedule import ScheduleConfig

@@ -5,15 +5,16 @@ import onnx
 import onnx.numpy_helper
 import pytest
 import torch
-from fastddpm.export.onnx import OnnxOptions, export_onnx, read_metadata, write_validated
-from fastddpm.export.runners import OrtRunner
-from fastddpm.export.step_loop import sample_with_step_graph
 from onnx import TensorProto, helper
 
 from fastddpm import checkpoint, kernels
 from fastddpm.cli import build_parser, main
 from fastddpm.errors import UserError
+from fastddpm.export.onnx import OnnxOptions, export_onnx, read_metadata, write_validated
+from fastddpm.export.runners import OrtRunner
+from fastddpm.export.step_loop import sample_with_step_graph
 from fastddpm.model import DiffusionModel
+from fastddpm.options import SamplingOptions
 from fastddpm.runtime import sample
 from fastddpm.schedule import ScheduleConfig
 from fastddpm.unet import CONFIGS, UNetConfig
@@ -98,7 +99,7 @@ def test_ddim_step_graph_runs_the_sampler(model, ddim_step_onnx):
     info = read_metadata(onnx.load(str(ddim_step_onnx)))
     assert info["sampler"]["name"] == "ddim" and info["sampler"]["num_steps"] == 10
     assert not _ops(ddim_step_onnx) & CONTROL_FLOW
-    table = model.table("ddim", 10, eta=1.0)
+    table = model.table(sampler="ddim", steps=10, eta=1.0)
     noise = torch.randn(11, 2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     got = sample_with_step_graph(OrtRunner(ddim_step_onnx), noise, uses_x0_prev=False)
     want = _torch_loop(model, table, noise, False)
@@ -112,8 +113,9 @@ def test_ddim_step_graph_runs_the_sampler(model, ddim_step_onnx):
 @pytest.mark.slow  # one more export
 def test_dpmpp_step_graph_decomposed_with_external_data(model, tmp_path):
     out = tmp_path / "dpm.onnx"
-    export_onnx(model, out, OnnxOptions(what="step", sampler="dpm++", steps=6, opset=18,
-                                        external_data_bytes=0), log=None)
+    options = OnnxOptions(what="step", sampling=SamplingOptions(sampler="dpm++", steps=6), opset=18,
+                          external_data_bytes=0)
+    export_onnx(model, out, options, log=None)
     assert (tmp_path / "dpm.onnx.data").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dpm.onnx", "dpm.onnx.data"]
     ops = _ops(out)
@@ -122,7 +124,7 @@ def test_dpmpp_step_graph_decomposed_with_external_data(model, tmp_path):
     assert "x0_prev" in runner.input_names
     noise = torch.randn(7, 3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
     got = sample_with_step_graph(runner, noise, uses_x0_prev=True)
-    assert (got - _torch_loop(model, model.table("dpm++", 6), noise, True)).abs().max() < 1e-4
+    assert (got - _torch_loop(model, model.table(sampler="dpm++", steps=6), noise, True)).abs().max() < 1e-4
 
 
 @pytest.mark.slow  # one more export
@@ -158,7 +160,7 @@ def test_onnxruntime_backend_matches_torch(model):
     got = sample(model, backend="onnxruntime", **kwargs)
     want = sample(model, backend="torch", **kwargs)
     assert (got - want).abs().max() < 1e-4
-    args = build_parser().parse_args(["sample", "--backend", "onnxruntime"])
+    args = build_parser("sample").parse_args(["sample", "--backend", "onnxruntime"])
     assert args.backend == "onnxruntime"
 
 

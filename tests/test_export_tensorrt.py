@@ -2,12 +2,12 @@
 in this project's CI: TensorRT installs only from NVIDIA's index, onto a GPU machine)."""
 import pytest
 import torch
-from fastddpm.export.onnx import OnnxOptions, export_onnx
-from fastddpm.export.tensorrt import TensorRTRunner, build_engine
 
 from fastddpm import checkpoint
 from fastddpm.cli import main
 from fastddpm.errors import UserError
+from fastddpm.export.onnx import OnnxOptions, export_onnx
+from fastddpm.export.tensorrt import TensorRTRunner, build_engine
 from fastddpm.model import DiffusionModel
 from fastddpm.runtime import sample
 from fastddpm.schedule import ScheduleConfig

@@ -12,12 +12,12 @@ from diffusers.pipelines.ddim import pipeline_ddim
 from diffusers.pipelines.ddpm import pipeline_ddpm
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
 from diffusers_tables import with_float64_tables
-from fastddpm.kernels import reverse_step_reference
-from fastddpm.kernels.noise import INIT_STREAM, STEP_STREAM, gaussian
 from interop_models import CIFAR10_CONFIG, DDPM_256_CONFIG, narrow, random_unet
 
 import fastddpm
 from fastddpm.interop import save_folder
+from fastddpm.kernels import reverse_step_reference
+from fastddpm.kernels.noise import INIT_STREAM, STEP_STREAM, gaussian
 from fastddpm.model import DiffusionModel, SamplingDefaults
 from fastddpm.schedule import ScheduleConfig
 from fastddpm.unet import CONFIGS, UNetConfig, timestep_embedding
@@ -206,7 +206,8 @@ def same_timestep_embedding(monkeypatch):
 def _ours(model, sampler, eta=0.0):
     """Our sampling loop as fastddpm.runtime.Sampler runs it (same table, same noise, same
     reverse-step reference), with the table kept in float64 rather than cast to float32."""
-    table = model.table(sampler, STEPS, eta=eta, spacing="leading")
+    table = model.table(sampler=sampler, steps=STEPS, eta=eta if sampler == "ddim" else None,
+                        spacing="leading")
     cfg = model.config
     shape = (cfg.out_channels, cfg.image_size, cfg.image_size)
     noise = _noise(table, BATCH, shape)

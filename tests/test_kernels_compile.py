@@ -59,7 +59,6 @@ def test_the_unet_makes_51_group_norm_calls_per_forward():
     """The count the kernels issue works from (51 GroupNorms in the CIFAR-10 U-Net), traced on the
     meta device; every one normalises 32 groups."""
     from fastddpm.kernels.compile_report import unet_group_norm_calls
-
     from fastddpm.unet import CONFIGS
 
     calls = unet_group_norm_calls(CONFIGS["cifar10"])

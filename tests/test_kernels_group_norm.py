@@ -9,7 +9,6 @@ import importlib
 
 import pytest
 import torch
-from fastddpm.kernels import dispatch
 from kernel_checks import DEVICES, assert_close, dtypes_for, needs_cuda, needs_triton, poisoned
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -124,19 +123,17 @@ def _ops_in_graph(fn, *args) -> set[str]:
 
 
 @needs_triton
-def test_public_function_calls_the_op_where_fused(monkeypatch):
-    """With CPU among the fused devices the public function goes through fastddpm::group_norm_silu
-    (its CPU kernel is the reference); under use_reference() or with autograd recording it does
-    not, and the traced graph holds only standard ops (what ONNX export needs)."""
-    monkeypatch.setattr(dispatch, "FUSED_DEVICES", ("cuda", "cpu"))
+def test_public_function_calls_the_op_where_fused():
+    """In mode "op" the public function goes through fastddpm::group_norm_silu (its CPU kernel is
+    the reference); in mode "reference" or with autograd recording it does not, and the traced
+    graph holds only standard ops (what ONNX export needs)."""
     x, weight, bias, b_nc = _inputs((2, 8, 4, 4), "cpu", torch.float32, torch.contiguous_format, True)
 
-    def call(x, weight, bias, b_nc):
-        return kernels.group_norm_silu(x, weight, bias, 4, 1e-6, b_nc)
+    def call(x, weight, bias, b_nc, mode="op"):
+        return kernels.group_norm_silu(x, weight, bias, 4, 1e-6, b_nc, mode=mode)
 
     assert any("fastddpm.group_norm_silu" in op for op in _ops_in_graph(call, x, weight, bias, b_nc))
-    with kernels.use_reference():
-        ops = _ops_in_graph(call, x, weight, bias, b_nc)
+    ops = _ops_in_graph(lambda *a: call(*a, mode="reference"), x, weight, bias, b_nc)
     assert not any("fastddpm" in op for op in ops)
     assert_close(call(x, weight, bias, b_nc), _expected(x, weight, bias, 4, b_nc, True, torch.float32))
 
@@ -148,17 +145,16 @@ def test_no_custom_op_without_a_fused_device():
     assert not any("fastddpm" in op for op in ops)
 
 
-@pytest.mark.parametrize("fused_cpu", [False, True], ids=["cpu", "cpu-as-fused-device"])
-def test_training_differentiates_through_the_reference(monkeypatch, fused_cpu):
+@pytest.mark.parametrize("mode", ["auto", "op"])
+def test_training_differentiates_through_the_reference(mode):
     """Gradients for x, γ, β and bias_nc equal float64 autograd through F.group_norm + SiLU,
     whatever device the fused path claims (training routes around the op)."""
-    if fused_cpu:
-        monkeypatch.setattr(dispatch, "FUSED_DEVICES", ("cuda", "cpu"))
     x, weight, bias, b_nc = _inputs((2, 8, 5, 5), "cpu", torch.float32, torch.channels_last, True)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias, b_nc)]
     leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias, b_nc)]
     grad_out = torch.randn(x.shape)
-    kernels.group_norm_silu(leaves[0], leaves[1], leaves[2], 4, 1e-6, leaves[3]).backward(grad_out)
+    kernels.group_norm_silu(leaves[0], leaves[1], leaves[2], 4, 1e-6, leaves[3],
+                            mode=mode).backward(grad_out)
     gn.group_norm_silu_reference(leaves64[0], leaves64[1], leaves64[2], 4, 1e-6,
                                  leaves64[3]).backward(grad_out.double())
     for got, want in zip(leaves, leaves64, strict=True):
@@ -204,8 +200,7 @@ def test_unet_fused_equals_unet_on_references():
     t = torch.tensor([0, 500, 999], device="cuda")
     with torch.inference_mode():
         fused = unet(x, t)
-        with kernels.use_reference():
-            reference = unet(x, t)
+        reference = unet.set_kernels("reference")(x, t)
     assert_close(fused, reference, atol=1e-4, rtol=1e-4)
 
 

@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-from fastddpm.kernels import dispatch, noise
 from kernel_checks import DEVICES, assert_close, dtypes_for, needs_cuda, needs_triton, poisoned
 
 from fastddpm import kernels
+from fastddpm.kernels import dispatch, noise
 from fastddpm.samplers import ddim_table, ddpm_table, dpmpp_2m_table
 from fastddpm.schedule import Schedule, ScheduleConfig
 
@@ -123,8 +123,9 @@ def test_in_place_outputs(device):
 @pytest.mark.parametrize("table", ["ddpm", "ddim", "dpm++"])
 def test_every_sampler_table_every_step(device, table):
     """Real tables (float64 → float32 on the device): each row against the reference."""
-    make = {"ddpm": lambda s: ddpm_table(s, 6), "ddim": lambda s: ddim_table(s, 6, eta=0.5),
-            "dpm++": lambda s: dpmpp_2m_table(s, 6)}[table]
+    make = {"ddpm": lambda s: ddpm_table(s, 6, variance="fixed_large", clip=True),
+            "ddim": lambda s: ddim_table(s, 6, eta=0.5, clip=True),
+            "dpm++": lambda s: dpmpp_2m_table(s, 6, clip=True)}[table]
     tab = make(SCHEDULE)
     coef = tab.coef.to(device, torch.float32)
     x, eps, x0_prev, _ = _inputs((2, 3, 4, 4), torch.float32, device, torch.contiguous_format, 3)
@@ -201,7 +202,7 @@ def test_noise_statistics(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_noise_where_sigma_is_zero(device):
     """A DDPM table's last row has σ = 0: x_prev is the posterior mean exactly."""
-    tab = ddpm_table(SCHEDULE, 5)
+    tab = ddpm_table(SCHEDULE, 5, variance="fixed_large", clip=True)
     coef = tab.coef.to(device, torch.float32)
     assert coef[-1, 6] == 0 and (coef[:-1, 6] > 0).all()
     x, eps, _, _ = _inputs((2, 3, 5, 5), torch.float32, device, torch.contiguous_format, 4)
@@ -228,24 +229,27 @@ def test_step_noise_reads_device_tensors_like_gaussian():
 
 
 @pytest.mark.parametrize("via_op", [False, True], ids=["reference", "op"])
-def test_public_reverse_step(monkeypatch, via_op):
-    """The public function (CPU: the reference; with "cpu" among the fused devices: the op and its
-    CPU kernel) — out buffers, in place, and return_x0=False."""
-    if via_op:
-        if not dispatch.HAS_TRITON:
-            pytest.skip("the op exists only with triton")
-        monkeypatch.setattr(dispatch, "FUSED_DEVICES", ("cuda", "cpu"))
+def test_public_reverse_step(via_op):
+    """The public function (CPU, mode "auto": the reference; mode "op": the op and its CPU
+    kernel) — out buffers, in place, return_x0=False, and mismatched buffers refused."""
+    if via_op and not dispatch.HAS_TRITON:
+        pytest.skip("the op exists only with triton")
+    mode = "op" if via_op else "auto"
     x, eps, x0_prev, coef = _inputs((2, 3, 4, 4), torch.float32, "cpu", torch.contiguous_format, 5)
     step, rng = _device_tensors("cpu", 2, 6, 1)
     z = noise.gaussian(6, torch.arange(1, 3), 2, (3, 4, 4))
     want, want_x0 = rs.reverse_step_reference(x, eps, coef[2], z, x0_prev, True)
-    got, got_x0 = kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True)
+    got, got_x0 = kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, mode=mode)
     assert_close(got, want)
     assert_close(got_x0, want_x0)
-    got, none = kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, return_x0=False)
+    got, none = kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, return_x0=False,
+                                     mode=mode)
     assert none is None
     assert_close(got, want)
-    kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, out=x, x0_out=x0_prev)
+    if via_op:  # the op's contract: buffers in x's dtype and layout (was an assert)
+        with pytest.raises(ValueError, match="out buffers must match x"):
+            kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, out=x.double(), mode=mode)
+    kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, out=x, x0_out=x0_prev, mode=mode)
     assert_close(x, want)
     assert_close(x0_prev, want_x0)
 

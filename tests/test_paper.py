@@ -31,7 +31,7 @@ def test_reconstruct_equals_the_chain_written_out(model):
     x0 = torch.rand(2, 1, 8, 8) * 2 - 1
     t, seed = 37, 4
     got = paper.reconstruct(model, x0, t, steps=10, sampler="ddim", seed=seed, device="cpu")
-    table = model.table("ddim", 10, start=t)
+    table = model.table(start=t, sampler="ddim", steps=10)
     assert table.timesteps.tolist() == [30, 20, 10, 0]  # 'leading' steps visited at or below 37
     ac = model.schedule.alphas_cumprod[30].item()
     eps0 = kernels.gaussian(seed, torch.arange(2), 0, (1, 8, 8), kernels.noise.INIT_STREAM)
@@ -55,9 +55,9 @@ def test_interpolation_endpoints_and_fixed_noise(model):
 
 def test_bad_arguments(model):
     with pytest.raises(UserError, match="start timestep"):
-        model.table("ddpm", start=100)
+        model.table(start=100, sampler="ddpm")
     with pytest.raises(UserError, match="no visited timestep"):
-        model.table("ddpm", 10, spacing="trailing", start=5)
+        model.table(start=5, sampler="ddpm", steps=10, spacing="trailing")
     with pytest.raises(UserError, match="snapshots"):
         paper.progressive(model, snapshots=0, steps=5, device="cpu")
     with pytest.raises(UserError, match="weights must be in"):

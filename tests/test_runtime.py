@@ -1,10 +1,10 @@
 """The sampling loop: wiring against a hand-written loop, determinism, batch-size independence."""
 import pytest
 import torch
-from fastddpm.kernels.noise import INIT_STREAM, STEP_STREAM
 
 from fastddpm import kernels
 from fastddpm.errors import UserError
+from fastddpm.kernels.noise import INIT_STREAM, STEP_STREAM
 from fastddpm.model import DiffusionModel
 from fastddpm.runtime import Sampler, sample
 from fastddpm.schedule import ScheduleConfig
@@ -20,10 +20,10 @@ def model():
     return DiffusionModel.create(TINY, ScheduleConfig("linear", 100))
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.5), ("dpm++", 0.0)])
+@pytest.mark.parametrize("sampler,eta", [("ddpm", None), ("ddim", 0.5), ("dpm++", None)])
 def test_loop_equals_hand_written_loop(model, sampler, eta):
     steps, seed, num = 12, 1234, 3
-    table = model.table(sampler, steps, eta)
+    table = model.table(sampler=sampler, steps=steps, eta=eta)
     shape = (2, 8, 8)
     index = torch.arange(num)
     x = kernels.gaussian(seed, index, 0, shape, INIT_STREAM)
@@ -59,8 +59,7 @@ def test_samples_are_distinct_within_a_batch(model):
 
 
 def test_on_step_sees_every_predicted_x0(model):
-    table = model.table("ddim", 6)
-    runner = Sampler(model, table, torch.device("cpu"))
+    runner = Sampler(model, sampler="ddim", steps=6, device="cpu")
     seen = []
     final = runner.run(seed=0, first=0, batch=2, on_step=lambda i, x0: seen.append((i, x0.clone())))
     assert [i for i, _ in seen] == list(range(6))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastddpm.checkpoint import load
+from fastddpm.options import SamplingOptions
 from fastddpm.runtime import Sampler, sample
 
 pytestmark = [pytest.mark.gpu,
@@ -14,7 +15,7 @@ pytestmark = [pytest.mark.gpu,
 CUDA = torch.device("cuda")
 # (sampler, steps, eta): every kind of table row — DDPM's σ > 0 with clipping, DDIM with and
 # without noise, DPM-Solver++ reading x̂0 of the step before
-SAMPLERS = [("ddpm", 50, 0.0), ("ddim", 20, 0.0), ("ddim", 20, 1.0), ("dpm++", 15, 0.0)]
+SAMPLERS = [("ddpm", 50, None), ("ddim", 20, 0.0), ("ddim", 20, 1.0), ("dpm++", 15, None)]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +33,9 @@ def strict_fp32():
 
 @pytest.mark.parametrize("sampler,steps,eta", SAMPLERS)
 def test_graph_replay_equals_the_plain_loop(model, sampler, steps, eta):
-    table = model.table(sampler, steps, eta)
-    graphed = Sampler(model, table, CUDA, cuda_graph=True)
-    plain = Sampler(model, table, CUDA, cuda_graph=False)
+    options = SamplingOptions(sampler=sampler, steps=steps, eta=eta, device="cuda")
+    graphed = Sampler(model, options, cuda_graph=True)
+    plain = Sampler(model, options, cuda_graph=False)
     assert graphed.use_graph and not plain.use_graph
     image = (model.config.out_channels, model.config.image_size, model.config.image_size)
     # the second and third runs replay the graph captured in the first: a new seed, new samples
@@ -42,7 +43,7 @@ def test_graph_replay_equals_the_plain_loop(model, sampler, steps, eta):
         got = graphed.run(seed, first, batch)
         assert got.shape == (batch, *image) and torch.isfinite(got).all()
         torch.testing.assert_close(got, plain.run(seed, first, batch), rtol=1e-5, atol=1e-5)
-    assert list(graphed._graphs) == [6]  # one graph per batch size, captured once
+    assert list(graphed._graphs) == [(6, False)]  # one graph per batch size, captured once
 
 
 def test_a_sample_is_the_same_image_at_any_batch_size(model):
@@ -76,17 +77,17 @@ def test_low_precision_sampling_follows_fp32(model, dtype):
 
 
 def test_compiled_backend_inside_the_graph_equals_eager(model):
-    table = model.table("ddim", 10)
-    eager = Sampler(model, table, CUDA, backend="torch").run(2, 0, 4)
-    compiled = Sampler(model, table, CUDA, backend="compile")
+    options = SamplingOptions(sampler="ddim", steps=10, device="cuda")
+    eager = Sampler(model, options, backend="torch").run(2, 0, 4)
+    compiled = Sampler(model, options, backend="compile")
     assert compiled.use_graph
     torch.testing.assert_close(compiled.run(2, 0, 4), eager, rtol=1e-4, atol=1e-4)
 
 
 def test_progressive_x0_reaches_every_step_under_the_graph(model):
-    table = model.table("ddim", 12)
     seen = []
-    out = Sampler(model, table, CUDA).run(1, 0, 2, on_step=lambda i, x0: seen.append((i, x0.clone())))
+    runner = Sampler(model, sampler="ddim", steps=12, device="cuda")
+    out = runner.run(1, 0, 2, on_step=lambda i, x0: seen.append((i, x0.clone())))
     assert [i for i, _ in seen] == list(range(12))
     # the last x̂0 is the image: DDIM's final step returns its x̂0
     torch.testing.assert_close(seen[-1][1], out, rtol=1e-5, atol=1e-5)

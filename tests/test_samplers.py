@@ -9,9 +9,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 from diffusers_tables import with_float64_tables
-from fastddpm.kernels import reverse_step_reference
 
 from fastddpm.errors import UserError
+from fastddpm.kernels import reverse_step_reference
 from fastddpm.samplers import ddim_table, ddpm_table, dpmpp_2m_table, make_table, timestep_sequence
 from fastddpm.schedule import Schedule, ScheduleConfig
 
@@ -51,7 +51,7 @@ def _assert_trajectories_close(ours, theirs):
 @pytest.mark.parametrize("spacing,steps", [("leading", 1000), ("leading", 20), ("trailing", 20),
                                            ("linspace", 20), ("leading", 7), ("trailing", 13)])
 def test_ddpm_matches_diffusers(variance, clip, spacing, steps, monkeypatch):
-    table = ddpm_table(SCHEDULE, steps, spacing, variance, clip)
+    table = ddpm_table(SCHEDULE, steps, spacing, variance=variance, clip=clip)
     sched = with_float64_tables(DDPMScheduler(num_train_timesteps=T, variance_type=variance,
                                           clip_sample=clip, timestep_spacing=spacing), SCHEDULE)
     sched.set_timesteps(steps)
@@ -79,7 +79,7 @@ def test_ddpm_matches_diffusers(variance, clip, spacing, steps, monkeypatch):
 @pytest.mark.parametrize("spacing,steps", [("leading", 50), ("trailing", 50), ("leading", 1000),
                                            ("trailing", 10), ("leading", 3)])
 def test_ddim_matches_diffusers(eta, clip, spacing, steps):
-    table = ddim_table(SCHEDULE, steps, spacing, eta, clip)
+    table = ddim_table(SCHEDULE, steps, spacing, eta=eta, clip=clip)
     sched = with_float64_tables(DDIMScheduler(num_train_timesteps=T, clip_sample=clip,
                                           timestep_spacing=spacing, set_alpha_to_one=True), SCHEDULE)
     sched.set_timesteps(steps)
@@ -140,8 +140,9 @@ def test_dpmpp_2m_matches_diffusers():
 
 
 def test_last_step_has_no_noise_and_returns_x0():
-    for table in (ddpm_table(SCHEDULE, 10, "trailing", "fixed_large"), ddim_table(SCHEDULE, 10, eta=1.0),
-                  dpmpp_2m_table(SCHEDULE, 10)):
+    for table in (ddpm_table(SCHEDULE, 10, "trailing", variance="fixed_large", clip=True),
+                  ddim_table(SCHEDULE, 10, eta=1.0, clip=True),
+                  dpmpp_2m_table(SCHEDULE, 10, clip=True)):
         c_x, c_e, a, b, c, d, sigma = table.coef[-1].tolist()
         assert sigma == 0.0 and b == pytest.approx(0.0, abs=1e-12) and c == pytest.approx(0.0, abs=1e-7)
         assert a == pytest.approx(1.0, rel=1e-12) and d == 0.0
@@ -150,15 +151,23 @@ def test_last_step_has_no_noise_and_returns_x0():
 @pytest.mark.parametrize("steps", [0, -3, 1001])
 def test_steps_out_of_range_are_refused(steps):
     with pytest.raises(UserError, match="steps must be between 1 and 1000"):
-        make_table(SCHEDULE, "ddim", steps)
+        make_table(SCHEDULE, "ddim", steps, "leading", clip=True)
 
 
 def test_bad_sampler_spacing_eta_variance_are_refused():
     with pytest.raises(UserError, match="unknown sampler"):
-        make_table(SCHEDULE, "euler", 10)
+        make_table(SCHEDULE, "euler", 10, "leading", clip=True)
     with pytest.raises(UserError, match="unknown timestep spacing"):
-        make_table(SCHEDULE, "ddim", 10, spacing="random")
+        make_table(SCHEDULE, "ddim", 10, "random", clip=True)
     with pytest.raises(UserError, match="eta must be in"):
-        make_table(SCHEDULE, "ddim", 10, eta=1.5)
+        make_table(SCHEDULE, "ddim", 10, "leading", clip=True, eta=1.5)
     with pytest.raises(UserError, match="unknown variance"):
-        make_table(SCHEDULE, "ddpm", 10, variance="learned")
+        make_table(SCHEDULE, "ddpm", 10, "leading", clip=True, variance="learned")
+
+
+@pytest.mark.parametrize(("sampler", "option"), [("ddpm", "eta"), ("dpm++", "eta"),
+                                                 ("ddim", "variance"), ("dpm++", "variance")])
+def test_an_option_the_sampler_does_not_take_is_refused(sampler, option):
+    """Was: eta silently dropped by DDPM, the variance by DDIM."""
+    with pytest.raises(UserError, match=f"takes no {option}"):
+        make_table(SCHEDULE, sampler, 10, "leading", clip=True, **{option: 0.5})
