@@ -1,15 +1,21 @@
 """The C++ sampler (export/cpp) against the Python loop over the same step graph and noise.
 
 Needs cmake, a C++17 compiler and ONNX Runtime headers: ONNXRUNTIME_ROOT, or build/onnxruntime
-as export/cpp/get_onnxruntime.sh lays it out (CI runs that script first)."""
+as export/cpp/get_onnxruntime.sh lays it out (CI runs that script first). Every test runs against
+two builds: the plain one and one with -fsanitize=address,undefined (skipped where the compiler
+has no sanitizer runtimes, unless FASTDDPM_REQUIRE_SANITIZER=1 as in CI); under the sanitizers
+any report fails the test. tests/test_export_cpp_hostile.py feeds it crafted graphs and bad
+arguments."""
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
 from fastddpm.export.onnx import OnnxOptions, export_onnx
 from fastddpm.export.runners import OrtRunner
 from fastddpm.export.step_loop import (
@@ -19,9 +25,9 @@ from fastddpm.export.step_loop import (
     step_graph_info,
     write_noise_file,
 )
-
 from fastddpm.images import grid
 from fastddpm.model import DiffusionModel
+from fastddpm.options import SamplingOptions
 from fastddpm.schedule import ScheduleConfig
 from fastddpm.unet import UNetConfig
 
@@ -44,22 +50,68 @@ def _missing() -> str | None:
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 
 
-@pytest.fixture(scope="module")
-def sampler_exe(tmp_path_factory):
-    build = tmp_path_factory.mktemp("cpp-build")
+# Under the sanitizers a report must end the program with a non-zero status (abort, not a log
+# line), and ONNX Runtime's own allocations (its library is not instrumented) are not leaks of ours.
+SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:halt_on_error=1",
+                 "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+SANITIZER_REPORTS = ("runtime error", "AddressSanitizer", "UndefinedBehaviorSanitizer", "LeakSanitizer")
+VARIANTS = ["plain", "sanitized"]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One build of fastddpm_sample; `run` fails the test on any sanitizer report."""
+
+    exe: Path
+    sanitized: bool
+
+    def run(self, *argv) -> subprocess.CompletedProcess:
+        env = {**os.environ, **SANITIZER_ENV} if self.sanitized else None
+        done = subprocess.run([str(self.exe), *map(str, argv)], capture_output=True, text=True, env=env,
+                              timeout=300)
+        for report in SANITIZER_REPORTS:
+            assert report not in done.stderr, done.stderr[-4000:]
+        assert done.returncode >= 0, f"killed by signal {-done.returncode}: {done.stderr[-4000:]}"
+        return done
+
+
+def _sanitizers_missing() -> str | None:
+    """Why the compiler cannot link a sanitized program here (libasan/libubsan missing), or None."""
+    done = subprocess.run(["bash", str(REPO / "export" / "cpp" / "sanitize.sh"), "--probe"],
+                          capture_output=True, text=True)
+    return None if done.returncode == 0 else done.stderr.strip() or "sanitize.sh --probe failed"
+
+
+def sampler_build(variant: str, tmp_path_factory) -> Sampler:
+    """The `variant` build ("plain" or "sanitized"), made once per session: both test modules
+    ask for it, and a second `cmake --build` of an unchanged tree does nothing."""
+    build = tmp_path_factory.getbasetemp() / f"cpp-build-{variant}"
+    build.mkdir(exist_ok=True)
+    sanitized = variant == "sanitized"
+    if sanitized and (reason := _sanitizers_missing()) is not None:
+        if os.environ.get("FASTDDPM_REQUIRE_SANITIZER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
     for cmd in (["cmake", "-S", str(REPO / "export" / "cpp"), "-B", str(build),
-                 f"-DONNXRUNTIME_ROOT={ORT_ROOT}"],
+                 f"-DONNXRUNTIME_ROOT={ORT_ROOT}", f"-DFASTDDPM_SANITIZE={'ON' if sanitized else 'OFF'}"],
                 ["cmake", "--build", str(build), "-j", "2"]):
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return build / "fastddpm_sample"
+        assert "warning:" not in done.stdout + done.stderr, done.stdout[-4000:] + done.stderr[-2000:]
+    return Sampler(build / "fastddpm_sample", sanitized)
 
 
-def _export_step_graph(folder: Path, sampler: str) -> Path:
+@pytest.fixture(scope="module", params=VARIANTS)
+def sampler(request, tmp_path_factory) -> Sampler:
+    return sampler_build(request.param, tmp_path_factory)
+
+
+def _export_step_graph(folder: Path, sampler_name: str) -> Path:
     torch.manual_seed(0)
     model = DiffusionModel.create(TINY, ScheduleConfig("linear", 40))
-    path = folder / f"{sampler}.onnx"
-    export_onnx(model, path, OnnxOptions(what="step", sampler=sampler, steps=8), log=None)
+    path = folder / f"{sampler_name}.onnx"
+    options = OnnxOptions(what="step", sampling=SamplingOptions(sampler=sampler_name, steps=8))
+    export_onnx(model, path, options, log=None)
     return path
 
 
@@ -67,10 +119,6 @@ def _export_step_graph(folder: Path, sampler: str) -> Path:
 def step_graph(tmp_path_factory):
     """DDPM (σ > 0 on every step but the last), dynamic batch, 8 steps."""
     return _export_step_graph(tmp_path_factory.mktemp("graph"), "ddpm")
-
-
-def _run(exe, *argv):
-    return subprocess.run([str(exe), *map(str, argv)], capture_output=True, text=True)
 
 
 def _read_pnm(path: Path) -> np.ndarray:
@@ -82,26 +130,26 @@ def _read_pnm(path: Path) -> np.ndarray:
     return np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
 
 
-def test_cpp_loop_matches_python_loop_on_the_same_noise(sampler_exe, step_graph, tmp_path):
-    _compare_loops(sampler_exe, step_graph, tmp_path)
+def test_cpp_loop_matches_python_loop_on_the_same_noise(sampler, step_graph, tmp_path):
+    _compare_loops(sampler, step_graph, tmp_path)
 
 
 @pytest.mark.slow  # one more export
-def test_cpp_loop_carries_x0_prev_for_dpmpp(sampler_exe, tmp_path):
+def test_cpp_loop_carries_x0_prev_for_dpmpp(sampler, tmp_path):
     graph = _export_step_graph(tmp_path, "dpm++")
     assert step_graph_info(graph)["sampler"]["uses_x0_prev"]
-    _compare_loops(sampler_exe, graph, tmp_path)
+    _compare_loops(sampler, graph, tmp_path)
 
 
-def _compare_loops(sampler_exe, step_graph, tmp_path):
+def _compare_loops(sampler, step_graph, tmp_path):
     info = step_graph_info(step_graph)
     shape = noise_shape(info, COUNT)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     write_noise_file(tmp_path / "noise.f32", noise)
     assert torch.equal(read_noise_file(tmp_path / "noise.f32", shape), noise)
 
-    done = _run(sampler_exe, "--model", step_graph, "--count", COUNT, "--noise", tmp_path / "noise.f32",
-                "--threads", 1, "--out", tmp_path / "grid.ppm", "--raw-out", tmp_path / "x.f32")
+    done = sampler.run("--model", step_graph, "--count", COUNT, "--noise", tmp_path / "noise.f32",
+                       "--threads", 1, "--out", tmp_path / "grid.ppm", "--raw-out", tmp_path / "x.f32")
     assert done.returncode == 0, done.stderr
     cpp = torch.from_numpy(np.fromfile(tmp_path / "x.f32", dtype="<f4").reshape(COUNT, 3, 8, 8))
     python = sample_with_step_graph(OrtRunner(step_graph, threads=1), noise,
@@ -114,22 +162,22 @@ def _compare_loops(sampler_exe, step_graph, tmp_path):
     assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
-def test_cpp_seeded_noise_is_deterministic(sampler_exe, step_graph, tmp_path):
+def test_cpp_seeded_noise_is_deterministic(sampler, step_graph, tmp_path):
     outs = []
     for seed in (1, 1, 2):
         raw = tmp_path / f"x{len(outs)}.f32"
-        done = _run(sampler_exe, "--model", step_graph, "--count", 2, "--seed", seed,
-                    "--out", tmp_path / "g.ppm", "--raw-out", raw)
+        done = sampler.run("--model", step_graph, "--count", 2, "--seed", seed,
+                           "--out", tmp_path / "g.ppm", "--raw-out", raw)
         assert done.returncode == 0, done.stderr
         outs.append(np.fromfile(raw, dtype="<f4"))
     assert np.array_equal(outs[0], outs[1]) and np.abs(outs[0] - outs[2]).max() > 1e-2
 
 
-def test_cpp_bad_input_is_one_line(sampler_exe, step_graph, tmp_path):
+def test_cpp_bad_input_is_one_line(sampler, step_graph, tmp_path):
     (tmp_path / "short.f32").write_bytes(b"\0" * 64)
-    done = _run(sampler_exe, "--model", step_graph, "--count", 2, "--noise", tmp_path / "short.f32",
-                "--out", tmp_path / "g.ppm")
+    done = sampler.run("--model", step_graph, "--count", 2, "--noise", tmp_path / "short.f32",
+                       "--out", tmp_path / "g.ppm")
     assert done.returncode == 2 and "holds 16 floats" in done.stderr
-    done = _run(sampler_exe, "--model", tmp_path / "short.f32", "--out", tmp_path / "g.ppm")
+    done = sampler.run("--model", tmp_path / "short.f32", "--out", tmp_path / "g.ppm")
     assert done.returncode == 2 and done.stderr.startswith("fastddpm_sample: error:")
     assert not (tmp_path / "g.ppm").exists()
