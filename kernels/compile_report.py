@@ -118,7 +118,7 @@ def unet_group_norm_calls(config: UNetConfig) -> list[tuple[tuple[int, ...], int
     arithmetic) with the op replaced by a recorder that hands on to the reference."""
     calls = []
 
-    def record(x, weight, bias, groups, eps, bias_nc=None, silu=True):
+    def record(x, weight, bias, groups, eps, bias_nc=None, silu=True, mode="auto"):
         calls.append((tuple(x.shape), groups, bias_nc is not None, silu))
         return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu)
 
