@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastddpm.model import DiffusionModel
 from fastddpm.dtypes import DTYPES
+from fastddpm.model import DiffusionModel
 from fastddpm.runtime import Sampler
 from fastddpm.unet import CONFIGS
 

@@ -1,9 +1,21 @@
 """Triton kernels run under the numpy interpreter (TRITON_INTERPRET=1) on machines without a
 CUDA device. Set here, before any test module imports triton: `triton.jit` reads the variable
-when a kernel is defined, so setting it later has no effect."""
+when a kernel is defined, so setting it later has no effect.
+
+The tiny models the tests share live in tiny.py (importable from every test module); the
+fixtures here hand out the ones several modules load from a file."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory):
+    """tiny.TINY (1 channel, no attention, T = 50, weights of seed 0) as a model file."""
+    from tiny import save_tiny  # here, not at the top: after TRITON_INTERPRET is set
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny.pt")

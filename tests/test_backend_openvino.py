@@ -6,24 +6,21 @@ import torch
 
 ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
+from tiny import TINY_WIDE, tiny_model  # noqa: E402
+
 from fastddpm.backends import backend_names, get_backend  # noqa: E402
 from fastddpm.errors import UserError  # noqa: E402
 from fastddpm.export.openvino import OPENVINO, make  # noqa: E402
-from fastddpm.model import DiffusionModel  # noqa: E402
 from fastddpm.runtime import sample  # noqa: E402
 from fastddpm.schedule import ScheduleConfig  # noqa: E402
-from fastddpm.unet import UNetConfig  # noqa: E402
 
-TINY = UNetConfig(image_size=8, in_channels=3, out_channels=3, base_channels=16, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(4,), groups=4, dropout=0.0)
 CPU = torch.device("cpu")
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = DiffusionModel.create(TINY, ScheduleConfig("linear", 50))
+    m = tiny_model(TINY_WIDE, ScheduleConfig("linear", 50))
     # every weight perturbed (norms around 1): not a near-identity net, and a mapping slip shows
     with torch.no_grad():
         for name, p in m.unet.named_parameters():

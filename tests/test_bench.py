@@ -1,32 +1,133 @@
-"""`fastddpm bench`: runs, reports coherent figures, refuses bad arguments in one line."""
+"""`fastddpm bench` and fastddpm.timing: what is timed is the real sampler — its steps, its batch,
+the backend named — over `--repeats` runs after one warm-up, and the median reported is those
+runs' median; bad arguments end in one line."""
 import json
+from types import SimpleNamespace
 
-from fastddpm import checkpoint
+import pytest
+import torch
+from tiny import TINY, save_tiny, tiny_model
+
+import fastddpm.commands.bench as bench_command
+from fastddpm import backends, timing
+from fastddpm.backends import Backend
 from fastddpm.cli import main
-from fastddpm.model import DiffusionModel
-from fastddpm.unet import UNetConfig
-
-TINY = UNetConfig(image_size=8, in_channels=1, out_channels=1, base_channels=8, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(), groups=4, dropout=0.0)
+from fastddpm.options import MAX_BATCH, SamplingOptions
+from fastddpm.runtime import Sampler, sample
+from fastddpm.schedule import ScheduleConfig
 
 
-def test_bench_reports_per_backend(tmp_path, capsys):
-    checkpoint.save(DiffusionModel.create(TINY), tmp_path / "m.pt")
-    code = main(["bench", "--model", str(tmp_path / "m.pt"), "--device", "cpu", "--steps", "3",
-                 "--batch-size", "2", "--repeats", "2", "--json"])
+@pytest.fixture
+def counting_backend(monkeypatch):
+    """A backend named "counting": the eager U-Net's ε, recording (batch, timesteps) of every
+    call. Registered for this test only."""
+    calls = []
+    eager = backends.get_backend("torch")
+
+    def make(model, device, dtype):
+        denoise = eager.make(model, device, dtype)
+
+        def counted(x, t):
+            calls.append((x.shape[0], t.tolist()))
+            return denoise(x, t)
+
+        return counted
+
+    monkeypatch.setitem(backends._registry, "counting", Backend("counting", make, graph_capturable=True))
+    return calls
+
+
+@pytest.fixture
+def samplers_made(monkeypatch):
+    """Every Sampler the bench command builds, in order."""
+    made = []
+
+    class Recorded(Sampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(bench_command, "Sampler", Recorded)
+    return made
+
+
+def test_time_sampler_is_the_median_of_the_timed_runs_of_the_real_sampler(monkeypatch):
+    """A fake clock that moves only when a run ends: the warm-up's 100 s must not count, and
+    the median of the five timed runs (5, 1, 3, 2, 10) is 3 exactly (their mean: 4.2)."""
+    model = tiny_model(TINY, ScheduleConfig("linear", 20))
+    sampler = Sampler(model, sampler="ddim", steps=4, device="cpu")
+    durations = iter([100.0, 5.0, 1.0, 3.0, 2.0, 10.0])
+    now = [0.0]
+    runs = []
+    real_run = sampler.run
+
+    def timed_run(seed, first, batch, **kwargs):
+        out = real_run(seed, first, batch, **kwargs)
+        runs.append(((seed, first, batch), out))
+        now[0] += next(durations)
+        return out
+
+    monkeypatch.setattr(sampler, "run", timed_run)
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    result = timing.time_sampler(sampler, batch=3, repeats=5)
+    assert result == {"median_s": 3.0, "min_s": 1.0, "images_per_s": 1.0, "ms_per_step": 750.0,
+                      "steps": 4, "batch": 3, "repeats": 5}
+    # one warm-up, then `repeats` full runs of the batch, seeds 0..4
+    assert [args for args, _ in runs] == [(0, 0, 3)] + [(r, 0, 3) for r in range(5)]
+    # each run is the whole chain `sample` draws with these options
+    for (seed, _, _), out in runs[1:3]:
+        want = sample(model, num=3, seed=seed, sampler="ddim", steps=4, device="cpu")
+        torch.testing.assert_close(out.clamp(-1, 1), want, rtol=0, atol=0)
+
+
+def test_each_backend_named_is_timed_on_a_sampler_of_its_own(tmp_path, capsys, counting_backend,
+                                                             samplers_made):
+    model = save_tiny(tmp_path / "m.pt", TINY)
+    code = main(["bench", "--model", str(model), "--device", "cpu", "--sampler", "ddim",
+                 "--steps", "3", "--batch-size", "2", "--repeats", "2", "--backends", "torch,counting",
+                 "--json"])
     assert code == 0
-    (line,) = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(line)
-    assert result["backend"] == "torch" and result["steps"] == 3 and result["batch"] == 2
-    assert result["median_s"] >= result["min_s"] > 0
-    assert abs(result["images_per_s"] - 2 / result["median_s"]) < 1e-9
+    results = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["backend"] for r in results] == ["torch", "counting"]
+    want = SamplingOptions(sampler="ddim", steps=3, device="cpu", batch_size=2)
+    assert [s.options for s in samplers_made] == [want, want.replace(backend="counting")]
+    for result in results:
+        assert (result["device"], result["dtype"], result["sampler"]) == ("cpu", "fp32", "ddim")
+        assert (result["steps"], result["batch"], result["repeats"]) == (3, 2, 2)
+        assert result["median_s"] >= result["min_s"] > 0
+        assert result["images_per_s"] == pytest.approx(2 / result["median_s"], rel=1e-12)
+        assert result["ms_per_step"] == pytest.approx(1e3 * result["median_s"] / 3, rel=1e-12)
+    # the second sampler ran on the second backend: warm-up + 2 timed runs, 3 steps each, batch 2,
+    # at the DDIM table's timesteps (the first sampler never called it)
+    timesteps = samplers_made[1].table.timesteps.tolist()
+    assert counting_backend == [(2, [t, t]) for t in timesteps] * 3
 
 
-def test_bench_bad_backend(tmp_path, capsys):
-    checkpoint.save(DiffusionModel.create(TINY), tmp_path / "m.pt")
-    code = main(["bench", "--model", str(tmp_path / "m.pt"), "--backends", "torch,jax"])
+def test_without_sampling_flags_bench_times_the_sampling_defaults(tmp_path, capsys,
+                                                                  counting_backend, samplers_made):
+    """Was: its own defaults (DDIM, 50 steps, batch 16). Now SamplingOptions': DDPM over all T
+    steps, batches of MAX_BATCH."""
+    model = save_tiny(tmp_path / "m.pt", TINY, ScheduleConfig("linear", 4))
+    assert main(["bench", "--model", str(model), "--device", "cpu", "--backend", "counting",
+                 "--repeats", "1", "--json"]) == 0
+    (result,) = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert (result["backend"], result["sampler"], result["steps"], result["batch"]) == \
+        ("counting", "ddpm", 4, MAX_BATCH)
+    assert [s.options for s in samplers_made] == [SamplingOptions(device="cpu", backend="counting")]
+    assert counting_backend == [(MAX_BATCH, [t] * MAX_BATCH) for t in (3, 2, 1, 0)] * 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backends", "torch,jax"], "jax"),
+    (["--backends", " , "], "names no backend"),
+    (["--repeats", "0"], "--repeats must be positive"),
+    (["--sampler", "ddpm", "--eta", "0.5"], "η is a DDIM option"),
+])
+def test_bench_bad_arguments(tiny_model_file, capsys, samplers_made, argv, message):
+    code = main(["bench", "--model", str(tiny_model_file), "--device", "cpu", *argv])
     err = capsys.readouterr().err
-    assert code == 2 and "jax" in err and err.count("\n") == 1
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert samplers_made == []  # refused before anything is built
 
 
 def test_benchmark_summary_reports_speedups_over_the_peer():

@@ -4,21 +4,17 @@ import pickle
 
 import pytest
 import torch
+from tiny import TINY_ATTN, tiny_model
 
 from fastddpm import checkpoint
 from fastddpm.errors import UserError
-from fastddpm.model import DiffusionModel, SamplingDefaults
+from fastddpm.model import SamplingDefaults
 from fastddpm.schedule import ScheduleConfig
-from fastddpm.unet import UNetConfig
-
-TINY = UNetConfig(image_size=8, in_channels=1, out_channels=1, base_channels=8, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(4,), groups=4, dropout=0.0)
 
 
 @pytest.fixture
-def model():
-    torch.manual_seed(0)
-    return DiffusionModel.create(TINY, ScheduleConfig("cosine", 50), SamplingDefaults("fixed_small", False))
+def model():  # with attention: its weights go through the file formats too
+    return tiny_model(TINY_ATTN, ScheduleConfig("cosine", 50), SamplingDefaults("fixed_small", False))
 
 
 @pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
@@ -39,7 +35,7 @@ def test_model_file_is_plain_data(model, tmp_path):
     checkpoint.save(model, tmp_path / "m.pt")
     raw = torch.load(tmp_path / "m.pt", weights_only=True)
     assert raw["format"] == "fastddpm" and raw["version"] == checkpoint.VERSION
-    assert raw["unet"] == TINY.to_dict() and raw["schedule"]["kind"] == "cosine"
+    assert raw["unet"] == TINY_ATTN.to_dict() and raw["schedule"]["kind"] == "cosine"
 
 
 def test_failed_save_keeps_the_old_file(model, tmp_path, monkeypatch):
@@ -128,7 +124,7 @@ def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
 
 def test_weights_that_do_not_fit_the_config(model, tmp_path):
     state = model.unet.state_dict()
-    header = {"format": "fastddpm", "version": 1, "unet": TINY.to_dict(),
+    header = {"format": "fastddpm", "version": 1, "unet": TINY_ATTN.to_dict(),
               "schedule": model.schedule.config.to_dict()}
     bad_shape = dict(state, **{"conv_in.weight": torch.zeros(3, 1, 3, 3)})
     torch.save({**header, "state_dict": bad_shape}, tmp_path / "shape.pt")
@@ -145,7 +141,7 @@ def test_weights_that_do_not_fit_the_config(model, tmp_path):
 
 
 def test_newer_format_version_is_refused(model, tmp_path):
-    header = {"format": "fastddpm", "version": checkpoint.VERSION + 1, "unet": TINY.to_dict(),
+    header = {"format": "fastddpm", "version": checkpoint.VERSION + 1, "unet": TINY_ATTN.to_dict(),
               "schedule": model.schedule.config.to_dict()}
     torch.save({**header, "state_dict": model.unet.state_dict()}, tmp_path / "new.pt")
     with pytest.raises(UserError, match="newer fastddpm"):

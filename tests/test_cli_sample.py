@@ -6,23 +6,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY_RGB, save_tiny
 
 from fastddpm import checkpoint, images, paper
 from fastddpm.cli import main
-from fastddpm.model import DiffusionModel
+from fastddpm.runtime import sample
 from fastddpm.schedule import ScheduleConfig
-from fastddpm.unet import UNetConfig
-
-TINY = UNetConfig(image_size=8, in_channels=3, out_channels=3, base_channels=8, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(), groups=4, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    checkpoint.save(DiffusionModel.create(TINY, ScheduleConfig("linear", 50)), path)
-    return path
+    """3 channels: the PNGs and arrays are in colour."""
+    return save_tiny(tmp_path_factory.mktemp("model") / "model.pt", TINY_RGB, ScheduleConfig("linear", 50))
 
 
 def _run(capsys, *argv):
@@ -37,6 +32,9 @@ def test_writes_a_png_grid(model_path, tmp_path, capsys):
     assert code == 0, err
     img = np.asarray(Image.open(out))
     assert img.shape == (2 + 2 * 10, 2 + 3 * 10, 3)  # 3 per row, 8 px tiles + 2 px padding
+    # the images `sample` draws with the same seed (0) and the defaults, tile by tile
+    want = sample(checkpoint.load(model_path), num=6, steps=5)
+    np.testing.assert_array_equal(_tiles(img, 2, 3).reshape(6, 8, 8, 3), images.to_uint8(want))
     assert img[2:10, 2:10].std() > 0  # a real image in the first tile
 
 
@@ -46,10 +44,12 @@ def test_writes_npz_and_folder(model_path, tmp_path, capsys):
     assert code == 0, err
     arr = np.load(tmp_path / "x.npz")["images"]
     assert arr.shape == (3, 8, 8, 3) and arr.dtype == np.uint8
+    want = sample(checkpoint.load(model_path), num=3, steps=4, sampler="ddim")
+    np.testing.assert_array_equal(arr, images.to_uint8(want))
     code, err = _run(capsys, "--model", str(model_path), "--num", "3", "--steps", "4",
                      "--sampler", "ddim", "--out", str(tmp_path / "pngs") + "/")
     assert code == 0, err
-    files = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    files = sorted(p.name for p in (tmp_path / "pngs").glob("*.png"))
     assert files == ["000000.png", "000001.png", "000002.png"]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pngs" / "000001.png")), arr[1])
 
@@ -64,6 +64,11 @@ def test_progressive_grid_rows_are_images_ending_in_the_sample(model_path, tmp_p
     code, err = _run(capsys, *args, "--out", str(tmp_path / "final.npz"))
     assert code == 0, err
     final = np.load(tmp_path / "final.npz")["images"]
+    want = paper.progressive(checkpoint.load(model_path), num=3, snapshots=4, seed=4, steps=6,
+                             sampler="ddim", eta=0.5)
+    tiles = _tiles(grid, 3, 4)  # a row per image, a column per snapshot
+    np.testing.assert_array_equal(tiles, images.to_uint8(want.flatten(0, 1)).reshape(4, 3, 8, 8, 3)
+                                  .transpose(1, 0, 2, 3, 4))
     for k in range(3):  # the last column is the sample itself, same seed and options
         np.testing.assert_array_equal(grid[2 + 10 * k:10 + 10 * k, 32:40], final[k])
     assert not np.array_equal(grid[2:10, 2:10], final[0])  # the first snapshot is not it yet
@@ -179,7 +184,7 @@ def test_bad_model_files(model_path, tmp_path, capsys, kind):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--steps", "0"], "steps must be between 1 and 50"),
+    (["--steps", "0"], "steps must be positive"),
     (["--steps", "51"], "steps must be between 1 and 50"),
     (["--num", "0"], "num must be positive"),
     (["--num", "-4"], "num must be positive"),
@@ -259,7 +264,9 @@ sys.exit(0 if codes == [2, 2, 2, 2] else 1)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert (tmp_path / "grid.png").exists(), run.stderr[-2000:]
-    assert Image.open(tmp_path / "grid.png").size[0] > 0
+    # what the full install draws: the bundled model's images, same seed and options
+    want = images.grid(sample("default", num=4, steps=3, device="cpu"))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grid.png")), np.asarray(want))
     assert run.returncode == 0, run.stderr[-2000:]
     assert [line for line in run.stderr.splitlines() if "error" in line] == [
         "fastddpm export: error: export needs onnx; pip install 'fastddpm[onnx]'",

@@ -7,15 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import linalg
+from tiny import TINY, save_tiny
 
-from fastddpm import checkpoint
+from fastddpm import checkpoint, images
 from fastddpm.cli import main
 from fastddpm.judge import DigitClassifier, digit_metrics, frechet_distance
-from fastddpm.model import DiffusionModel
 from fastddpm.runtime import sample
 from fastddpm.schedule import ScheduleConfig
-from fastddpm.unet import CONFIGS, UNetConfig
+from fastddpm.unet import CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -72,20 +73,23 @@ def test_sample_command_without_a_model_uses_the_default(tmp_path):
     out = tmp_path / "digits.png"
     assert main(["sample", "--num", "4", "--steps", "10", "--sampler", "ddim", "--out", str(out),
                  "--no-progress", "--device", "cpu"]) == 0
-    assert out.stat().st_size > 0
+    want = images.grid(sample(checkpoint.load("default"), num=4, steps=10, sampler="ddim", device="cpu"))
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
 
 
 def test_eval_command_prints_json(tmp_path, capsys):
-    tiny = UNetConfig(image_size=8, in_channels=1, out_channels=1, base_channels=8,
-                      channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), groups=4)
-    path = tmp_path / "tiny.pt"
-    checkpoint.save(DiffusionModel.create(tiny, ScheduleConfig(num_timesteps=50)), path)
+    path = save_tiny(tmp_path / "tiny.pt", TINY, ScheduleConfig(num_timesteps=50))
     grid = tmp_path / "grid.png"
     assert main(["eval", "--model", str(path), "--num", "12", "--steps", "5", "--sampler", "ddim",
                  "--device", "cpu", "--grid", str(grid)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num"] == 12 and result["steps"] == 5 and len(result["class_fractions"]) == 10
+    assert (result["sampler"], result["seed"]) == ("ddim", 0)
     assert result["frechet_ratio"] > 2.0  # an untrained model draws noise, and the judge says so
-    assert grid.stat().st_size > 0
+    # the grid shows the samples measured: those `sample` draws with the same seed and options
+    want = sample(checkpoint.load(path), num=12, steps=5, sampler="ddim", seed=0, device="cpu")
+    np.testing.assert_array_equal(np.asarray(Image.open(grid)), np.asarray(images.grid(want)))
+    metrics = digit_metrics(want, DigitClassifier(8), 0)  # ... and the figures are theirs
+    assert {key: result[key] for key in metrics} == metrics
     code = main(["eval", "--model", str(path), "--grid", str(tmp_path / "no" / "g.png")])
     assert code == 2 and "does not exist" in capsys.readouterr().err  # refused before sampling

@@ -6,6 +6,7 @@ import onnx.numpy_helper
 import pytest
 import torch
 from onnx import TensorProto, helper
+from tiny import TINY_WIDE, tiny_model
 
 from fastddpm import checkpoint, kernels
 from fastddpm.cli import build_parser, main
@@ -19,15 +20,12 @@ from fastddpm.runtime import sample
 from fastddpm.schedule import ScheduleConfig
 from fastddpm.unet import CONFIGS, UNetConfig
 
-TINY = UNetConfig(image_size=8, in_channels=3, out_channels=3, base_channels=16, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(4,), groups=4, dropout=0.0)
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = DiffusionModel.create(TINY, ScheduleConfig("linear", 50))
+    m = tiny_model(TINY_WIDE, ScheduleConfig("linear", 50))
     # random, not default-initialised, norms: a wrong scale/bias mapping must show
     with torch.no_grad():
         for name, p in m.unet.named_parameters():
@@ -90,7 +88,7 @@ def test_eps_graph_matches_torch_at_any_batch(model, eps_onnx):
 
 def test_metadata_carries_model_and_schedule(model, eps_onnx):
     meta = read_metadata(onnx.load(str(eps_onnx)))
-    assert UNetConfig.from_dict(meta["unet"]) == TINY
+    assert UNetConfig.from_dict(meta["unet"]) == TINY_WIDE
     assert meta["schedule"]["num_timesteps"] == 50 and meta["graph"] == "eps"
     assert meta["batch"] == "dynamic" and meta["opset"] == 21
 

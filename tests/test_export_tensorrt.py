@@ -2,29 +2,24 @@
 in this project's CI: TensorRT installs only from NVIDIA's index, onto a GPU machine)."""
 import pytest
 import torch
+from tiny import TINY_WIDE, tiny_model
 
 from fastddpm import checkpoint
 from fastddpm.cli import main
 from fastddpm.errors import UserError
 from fastddpm.export.onnx import OnnxOptions, export_onnx
 from fastddpm.export.tensorrt import TensorRTRunner, build_engine
-from fastddpm.model import DiffusionModel
 from fastddpm.runtime import sample
 from fastddpm.schedule import ScheduleConfig
-from fastddpm.unet import UNetConfig
 
 trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed "
                                              "(pip install tensorrt on a machine with an NVIDIA GPU)")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs an NVIDIA GPU")
 
-TINY = UNetConfig(image_size=8, in_channels=3, out_channels=3, base_channels=16, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(4,), groups=4, dropout=0.0)
-
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return DiffusionModel.create(TINY, ScheduleConfig("linear", 50))
+    return tiny_model(TINY_WIDE, ScheduleConfig("linear", 50))
 
 
 @pytest.fixture(scope="module")

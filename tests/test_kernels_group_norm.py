@@ -129,12 +129,14 @@ def test_public_function_calls_the_op_where_fused():
     graph holds only standard ops (what ONNX export needs)."""
     x, weight, bias, b_nc = _inputs((2, 8, 4, 4), "cpu", torch.float32, torch.contiguous_format, True)
 
-    def call(x, weight, bias, b_nc, mode="op"):
-        return kernels.group_norm_silu(x, weight, bias, 4, 1e-6, b_nc, mode=mode)
+    def call(x, weight, bias, b_nc):
+        return kernels.group_norm_silu(x, weight, bias, 4, 1e-6, b_nc, mode="op")
+
+    def reference(x, weight, bias, b_nc):
+        return kernels.group_norm_silu(x, weight, bias, 4, 1e-6, b_nc, mode="reference")
 
     assert any("fastddpm.group_norm_silu" in op for op in _ops_in_graph(call, x, weight, bias, b_nc))
-    ops = _ops_in_graph(lambda *a: call(*a, mode="reference"), x, weight, bias, b_nc)
-    assert not any("fastddpm" in op for op in ops)
+    assert not any("fastddpm" in op for op in _ops_in_graph(reference, x, weight, bias, b_nc))
     assert_close(call(x, weight, bias, b_nc), _expected(x, weight, bias, 4, b_nc, True, torch.float32))
 
 
@@ -215,12 +217,22 @@ sys.modules["triton"] = None  # makes `import triton` raise ImportError
 import torch
 from fastddpm import kernels
 assert not kernels.HAS_TRITON
-x = torch.randn(2, 8, 3, 3)
-y = kernels.group_norm_silu(x, torch.ones(8), torch.zeros(8), 4, 1e-6)
-assert torch.allclose(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, eps=1e-6)), atol=1e-6)
-coef = torch.rand(3, 7)
-x_prev, x0 = kernels.reverse_step(x, x, coef, torch.tensor([1]), torch.tensor([0, 0]))
-assert x_prev.shape == x.shape and x0.shape == x.shape
+from fastddpm.kernels.noise import gaussian
+x, eps = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
+weight, bias = torch.rand(8) + 0.5, torch.randn(8)
+y = kernels.group_norm_silu(x, weight, bias, 4, 1e-6)
+F = torch.nn.functional
+assert torch.allclose(y, F.silu(F.group_norm(x, 4, weight, bias, eps=1e-6)), atol=1e-6)
+for mode in ("auto", "op"):  # "op" falls back too: there is no op without triton
+    coef = torch.rand(3, 7)
+    x_prev, x0 = kernels.reverse_step(x, eps, coef, torch.tensor([1]), torch.tensor([9, 4]), mode=mode)
+    # row 1 of the table, and the noise of step 1 for samples 4 and 5 of seed 9
+    z = gaussian(9, torch.arange(4, 6), 1, (8, 3, 3))
+    want, want_x0 = kernels.reverse_step_reference(x, eps, coef[1], z)
+    c_x, c_e, a, b, c, d, sigma = coef[1]
+    assert torch.allclose(want_x0, c_x * x - c_e * eps, atol=1e-6)
+    assert torch.allclose(want, a * want_x0 + b * x + c * eps + sigma * z, atol=1e-6)
+    assert torch.equal(x_prev, want) and torch.equal(x0, want_x0)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

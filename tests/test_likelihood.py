@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
+from tiny import TINY
 
 from fastddpm import kernels, likelihood
 from fastddpm.cli import main
@@ -18,10 +19,7 @@ from fastddpm.errors import UserError
 from fastddpm.likelihood import bits_per_dim, discretized_gaussian_log_likelihood, normal_kl, quantize
 from fastddpm.model import DiffusionModel, SamplingDefaults
 from fastddpm.schedule import ScheduleConfig
-from fastddpm.unet import UNetConfig
 
-TINY = UNetConfig(image_size=8, in_channels=1, out_channels=1, base_channels=8, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(), groups=4, dropout=0.0)
 LN2 = math.log(2.0)
 
 

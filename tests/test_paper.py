@@ -1,22 +1,17 @@
 """Progressive generation, reconstruction from x_t and interpolation run the same loop."""
 import pytest
 import torch
+from tiny import TINY_ATTN, tiny_model
 
 from fastddpm import kernels, paper
 from fastddpm.errors import UserError
-from fastddpm.model import DiffusionModel
 from fastddpm.runtime import sample
 from fastddpm.schedule import ScheduleConfig
-from fastddpm.unet import UNetConfig
-
-TINY = UNetConfig(image_size=8, in_channels=1, out_channels=1, base_channels=8, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(4,), groups=4, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return DiffusionModel.create(TINY, ScheduleConfig("linear", 100))
+    return tiny_model(TINY_ATTN, ScheduleConfig("linear", 100))
 
 
 def test_progressive_ends_at_the_sample(model):

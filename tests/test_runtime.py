@@ -1,23 +1,21 @@
 """The sampling loop: wiring against a hand-written loop, determinism, batch-size independence."""
 import pytest
 import torch
+from tiny import tiny_config, tiny_model
 
 from fastddpm import kernels
 from fastddpm.errors import UserError
 from fastddpm.kernels.noise import INIT_STREAM, STEP_STREAM
-from fastddpm.model import DiffusionModel
 from fastddpm.runtime import Sampler, sample
 from fastddpm.schedule import ScheduleConfig
-from fastddpm.unet import UNetConfig
 
-TINY = UNetConfig(image_size=8, in_channels=2, out_channels=2, base_channels=8, channel_mult=(1, 2),
-                  num_res_blocks=1, attn_resolutions=(4,), groups=4, dropout=0.0)
+# 2 channels (neither grey nor RGB: no channel count is assumed) and attention
+TWO_CHANNELS = tiny_config(2, attention=True)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return DiffusionModel.create(TINY, ScheduleConfig("linear", 100))
+    return tiny_model(TWO_CHANNELS, ScheduleConfig("linear", 100))
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", None), ("ddim", 0.5), ("dpm++", None)])
@@ -67,6 +65,27 @@ def test_on_step_sees_every_predicted_x0(model):
     assert not torch.allclose(seen[0][1], seen[-1][1])
 
 
+@pytest.mark.parametrize("sampler,history", [("ddpm", False), ("ddim", False), ("dpm++", True)])
+def test_x0_is_stored_only_where_it_is_read(model, sampler, history, monkeypatch):
+    """Without on_step the step writes no x̂0 unless the sampler reads it back (DPM-Solver++'s
+    x̂0_prev); with on_step it always does. The images are the same either way."""
+    seen = []
+    real = kernels.reverse_step
+
+    def recording(x, eps, coef, step, rng, x0_prev=None, clip=False, **kw):
+        seen.append((x0_prev is not None, kw["x0_out"] is not None))
+        return real(x, eps, coef, step, rng, x0_prev, clip, **kw)
+
+    monkeypatch.setattr(kernels, "reverse_step", recording)
+    runner = Sampler(model, sampler=sampler, steps=5, device="cpu")
+    plain = runner.run(seed=2, first=0, batch=2)
+    assert seen == [(history, history)] * 5
+    seen.clear()
+    watched = runner.run(seed=2, first=0, batch=2, on_step=lambda i, x0: None)
+    assert seen == [(history, True)] * 5
+    torch.testing.assert_close(watched, plain, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"num": 0}, "num must be positive"),
     ({"batch_size": 0}, "batch size must be positive"),
@@ -76,6 +95,8 @@ def test_on_step_sees_every_predicted_x0(model):
     ({"sampler": "euler"}, "unknown sampler"),
     ({"steps": 101}, "steps must be between 1 and 100"),
     ({"eta": -0.1, "sampler": "ddim"}, "eta must be in"),
+    ({"eta": 0.5}, "η is a DDIM option"),  # DDPM (the default) takes no η: was silently dropped
+    ({"eta": 0.0, "sampler": "dpm++"}, "η is a DDIM option"),
     ({"seed": -1}, "seed must be in"),
     ({"backend": "jax"}, "unknown backend"),
 ])

@@ -1,6 +1,7 @@
 """The ε-model: the paper's parameter counts and a well-formed forward."""
 import pytest
 import torch
+from tiny import TINY_WIDE
 
 from fastddpm.errors import UserError
 from fastddpm.unet import CONFIGS, UNet, UNetConfig, named_config, timestep_embedding
@@ -14,10 +15,8 @@ def test_parameter_counts_match_the_paper(name, count):
 
 
 def test_forward_shape_and_timestep_dependence():
-    cfg = UNetConfig(image_size=8, in_channels=3, out_channels=3, base_channels=16,
-                     channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), groups=4, dropout=0.0)
     torch.manual_seed(0)
-    unet = UNet(cfg).eval()
+    unet = UNet(TINY_WIDE).eval()
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         a = unet(x, torch.tensor([0, 10, 999]))
