@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastddpm import kernels
+from fastddpm.dtypes import DTYPES as ALL_DTYPES
 from fastddpm.samplers import ddim_table, ddpm_table
 from fastddpm.schedule import Schedule, ScheduleConfig
 
@@ -30,7 +31,7 @@ BATCHES = [1, 64, 256]
 GN_SHAPES = [(128, 32), (128, 16), (128, 8), (128, 4), (256, 32), (256, 16), (256, 8), (256, 4),
              (128, 256)]  # (C, H = W)
 STEP_SHAPES = [(3, 32), (3, 256)]  # (C, H = W): CIFAR-10 and the 256² models' images
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {name: ALL_DTYPES[name] for name in ("fp32", "fp16")}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 GROUPS, EPS = 32, 1e-6
 # fused: ours; eager: the unfused PyTorch ops; compile: the same ops through torch.compile
@@ -133,7 +134,11 @@ def test_reverse_step(benchmark, copy_gbps, channels, size, batch, dtype, sample
     benchmark.group = f"reverse_step {channels}×{size}² b{batch} {dtype} {sampler}"
     _skip_compile_off_target(impl, batch)
     schedule = Schedule(ScheduleConfig("linear", 1000))
-    table = (ddpm_table if sampler == "ddpm" else ddim_table)(schedule, 1000)
+    # the tables a sampler of the CIFAR-10 model builds: clipped, DDPM's σ² = β, DDIM's η = 0
+    if sampler == "ddpm":
+        table = ddpm_table(schedule, 1000, variance="fixed_large", clip=True)
+    else:
+        table = ddim_table(schedule, 1000, clip=True)
     coef = table.coef.to("cuda", torch.float32)
     g = torch.Generator(device="cuda").manual_seed(0)
     x, eps = (torch.randn(batch, channels, size, size, device="cuda", dtype=DTYPES[dtype],

@@ -44,6 +44,8 @@ def test_graph_replay_equals_the_plain_loop(model, sampler, steps, eta):
         assert got.shape == (batch, *image) and torch.isfinite(got).all()
         torch.testing.assert_close(got, plain.run(seed, first, batch), rtol=1e-5, atol=1e-5)
     assert list(graphed._graphs) == [(6, False)]  # one graph per batch size, captured once
+    # and no x̂0 buffer in it unless the sampler reads x̂0 back (DPM-Solver++'s history)
+    assert (graphed._graphs[(6, False)][1].x0 is not None) == (sampler == "dpm++")
 
 
 def test_a_sample_is_the_same_image_at_any_batch_size(model):
@@ -89,6 +91,7 @@ def test_progressive_x0_reaches_every_step_under_the_graph(model):
     runner = Sampler(model, sampler="ddim", steps=12, device="cuda")
     out = runner.run(1, 0, 2, on_step=lambda i, x0: seen.append((i, x0.clone())))
     assert [i for i, _ in seen] == list(range(12))
+    assert list(runner._graphs) == [(2, True)]  # its own graph: one that writes x̂0
     # the last x̂0 is the image: DDIM's final step returns its x̂0
     torch.testing.assert_close(seen[-1][1], out, rtol=1e-5, atol=1e-5)
     assert (seen[0][1] - seen[-1][1]).abs().mean() > 1e-3  # and the early ones are not it yet
