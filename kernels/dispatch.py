@@ -45,7 +45,9 @@ def use_fused(mode: str, *tensors: torch.Tensor | None) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
-    return mode == "op" or kernel_applies(present[0])
+    if mode == "op":  # the op's CPU kernel is the reference; on CUDA only dtypes it handles
+        return present[0].device.type != "cuda" or present[0].dtype in FUSED_DTYPES
+    return kernel_applies(present[0])
 
 
 def dense_layout(x: torch.Tensor) -> torch.memory_format:

@@ -170,6 +170,10 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
     `out` / `x0_out` (x's shape, dtype and layout) receive x_prev / x̂0 in place — `out` may be
     x and `x0_out` may be x0_prev. With return_x0=False and no x0_out, x̂0 is neither written
     nor returned (None). mode: see kernels.dispatch. Returns (x_prev, x̂0)."""
+    for buffer in (out, x0_out):  # the contract of every path, not only the op's
+        if buffer is not None and (buffer.dtype != x.dtype or buffer.shape != x.shape):
+            raise ValueError(f"out buffers must match x in dtype and shape: x is {x.dtype} "
+                             f"{tuple(x.shape)}, a buffer {buffer.dtype} {tuple(buffer.shape)}")
     if not use_fused(mode, x, eps, x0_prev):
         x_prev, x0 = _reference_step(x, eps, coef, step, rng, x0_prev, clip)
         if out is not None:
@@ -186,9 +190,9 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
         out = torch.empty_like(x)
     if x0_out is None and return_x0:
         x0_out = torch.empty_like(x)
-    for buffer in (out, x0_out):
-        if buffer is not None and (buffer.dtype != x.dtype or buffer.stride() != x.stride()):
-            raise ValueError(f"out buffers must match x in dtype and layout: x is {x.dtype} with "
-                             f"strides {x.stride()}, a buffer {buffer.dtype} with {buffer.stride()}")
+    for buffer in (out, x0_out):  # the kernel walks every operand in x's memory order
+        if buffer is not None and buffer.stride() != x.stride():
+            raise ValueError(f"out buffers must match x in dtype and layout: x has strides "
+                             f"{x.stride()}, a buffer {buffer.stride()}")
     torch.ops.fastddpm.reverse_step(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
     return out, x0_out
