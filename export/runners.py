@@ -70,7 +70,14 @@ class OrtRunner:
         self.path, self.device = Path(path), device
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only; failures surface as exceptions below
-        if threads:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if device.type == "cpu":
+            # one pool of `threads` workers (default: the threads torch uses) that sleeps between
+            # calls: spinning after a call would fight torch's pool, which runs the reverse step
+            options.intra_op_num_threads = threads or torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif threads:
             options.intra_op_num_threads = threads
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
