@@ -13,7 +13,7 @@ model's raw ε beside x̂0.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from .errors import UserError
 from .schedule import Schedule
 
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr", "tuned")
 VARIANCES = ("fixed_large", "fixed_small")
 COEF_FIELDS = ("c_x", "c_e", "a", "b", "c", "d", "sigma")
 
@@ -43,32 +43,89 @@ class SamplerTable:
         return bool((self.coef[:, COEF_FIELDS.index("d")] != 0).any())
 
 
-def timestep_sequence(num_timesteps: int, steps: int | None, spacing: str = "leading",
+def timestep_sequence(schedule: Schedule, steps: int | None, spacing: str | Sequence[int] = "leading",
                       start: int | None = None) -> list[int]:
-    """The model timesteps visited, descending, named and spaced as diffusers names them.
-    `steps=None` visits all of them; `start=t` keeps only those ≤ t (a chain begun at x_t)."""
-    T = num_timesteps
+    """The model timesteps visited, descending. `steps=None` visits all T of them; `start=t`
+    keeps only those ≤ t (a chain begun at x_t). `spacing` names a grid (SPACINGS) or is the
+    grid itself: `steps` distinct descending timesteps, e.g. a model's tuned grid.
+
+    leading, trailing, linspace: as diffusers names them. quadratic: the DDIM paper's CIFAR-10
+    grid, ⌊(i·√(0.8T)/(S−1))²⌋ for i = 0..S−1. logsnr: uniform in λ = log(ᾱ/(1−ᾱ)) of this
+    schedule — S+1 points from λ(T−1) to λ(0), the S noisiest visited (each at the t of nearest λ);
+    the last step then lands on ᾱ = 1 where the grid's end, t = 0, lies within one β_1 of it.
+    tuned: a model's own grid (`DiffusionModel.table` resolves the name; `fastddpm tune-steps`)."""
+    T = schedule.num_timesteps
     steps = T if steps is None else steps
     if not 1 <= steps <= T:
         raise UserError(f"steps must be between 1 and {T} (the model's T), got {steps}")
-    if spacing == "leading":
-        ts = np.arange(0, steps) * (T // steps)
-    elif spacing == "trailing":
-        ts = (np.round(np.arange(T, 0, -T / steps)) - 1)[::-1]
-    elif spacing == "linspace":
-        ts = np.linspace(0, T - 1, steps).round()
+    if not isinstance(spacing, str):
+        visited = _checked_grid(spacing, steps, T)
     else:
-        raise UserError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    visited = [int(t) for t in ts[::-1]]
+        visited = [int(t) for t in _named_grid(schedule, steps, spacing)[::-1]]
     if start is None:
         return visited
     if not 0 <= start < T:
         raise UserError(f"start timestep must be in [0, {T}), got {start}")
     kept = [t for t in visited if t <= start]
     if not kept:
-        raise UserError(f"no visited timestep is ≤ {start} with {steps} {spacing} steps; "
+        name = spacing if isinstance(spacing, str) else "given"
+        raise UserError(f"no visited timestep is ≤ {start} with {steps} {name} steps; "
                         "use more steps or a later start")
     return kept
+
+
+def _named_grid(schedule: Schedule, steps: int, spacing: str) -> np.ndarray:
+    """Grid `spacing` of `steps` timesteps, ascending."""
+    T = schedule.num_timesteps
+    if spacing == "leading":
+        return np.arange(0, steps) * (T // steps)
+    if spacing == "trailing":  # diffusers' arange(T, 0, −T/S) gives S + 1 points for some T, S
+        return (np.round(T - np.arange(steps) * (T / steps)) - 1)[::-1]
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, steps).round()
+    if spacing == "quadratic":  # the DDIM repo's "quad" skip (it truncates, as int() does)
+        return _distinct(np.floor(np.linspace(0.0, np.sqrt(0.8 * T), steps) ** 2), T)
+    if spacing == "logsnr":
+        ac = schedule.alphas_cumprod.numpy()
+        lam = np.log(ac) - np.log1p(-ac)  # decreasing in t
+        targets = np.linspace(lam[-1], lam[0], steps + 1)[:steps]  # noisiest first
+        return _distinct(_nearest_t(lam, targets)[::-1], T)
+    if spacing == "tuned":
+        raise UserError("the tuned spacing is a model's own grid: sample through the model "
+                        "(DiffusionModel.table), or make one with `fastddpm tune-steps`")
+    raise UserError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+
+
+def _nearest_t(lam: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each target, the t whose λ (decreasing in t, shape (T,)) lies nearest."""
+    rising = lam[::-1]  # λ at t = T−1 .. 0, ascending
+    upper = np.clip(np.searchsorted(rising, targets), 1, len(lam) - 1)
+    below_nearer = targets - rising[upper - 1] <= rising[upper] - targets
+    index = np.where(below_nearer, upper - 1, upper)
+    return len(lam) - 1 - index
+
+
+def _distinct(ts: np.ndarray, T: int) -> np.ndarray:
+    """Ascending timesteps made strictly increasing within [0, T): where rounding merged
+    neighbours (many steps on a grid dense at one end), each is moved up, then down, by the least
+    that separates it; grids without such collisions pass unchanged."""
+    out = ts.astype(np.int64)
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + 1)
+    out[-1] = min(out[-1], T - 1)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1] - 1)
+    return out
+
+
+def _checked_grid(grid: Sequence[int], steps: int, T: int) -> list[int]:
+    """An explicit grid, checked: `steps` distinct integer timesteps in [0, T), descending."""
+    ts = [int(t) for t in grid]
+    if len(ts) != steps or any(t != g for t, g in zip(ts, grid, strict=True)):
+        raise UserError(f"a time grid must list {steps} integer timesteps, got {list(grid)}")
+    if not all(0 <= t < T for t in ts) or any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
+        raise UserError(f"a time grid's timesteps must descend strictly within [0, {T}), got {ts}")
+    return ts
 
 
 def _alphas_cumprod_pairs(schedule: Schedule, ts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +151,7 @@ def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
     β re-derived from the ᾱ ratio of consecutive visited steps (as diffusers does)."""
     if variance not in VARIANCES:
         raise UserError(f"unknown variance type {variance!r}; choose one of {', '.join(VARIANCES)}")
-    ts = timestep_sequence(schedule.num_timesteps, steps, spacing, start)
+    ts = timestep_sequence(schedule, steps, spacing, start)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     alpha = ac_t / ac_prev
     beta = 1.0 - alpha
@@ -122,7 +179,7 @@ def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
     the next visited step, for 'linspace' it is not, and we follow the paper."""
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must be in [0, 1], got {eta}")
-    ts = timestep_sequence(schedule.num_timesteps, steps, spacing, start)
+    ts = timestep_sequence(schedule, steps, spacing, start)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     # σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (eq. 16)
     sigma = eta * ((1.0 - ac_prev) / (1.0 - ac_t) * (1.0 - ac_t / ac_prev)).sqrt()
@@ -137,7 +194,7 @@ def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = 
 
     With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ), h = λ_next − λ_t, r = h_prev / h:
     x_next = (σ_next/σ_t) x_t − α_next (e^{−h} − 1) [(1 + 1/2r) x̂0 − (1/2r) x̂0_prev]."""
-    ts = timestep_sequence(schedule.num_timesteps, steps, spacing, start)
+    ts = timestep_sequence(schedule, steps, spacing, start)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     n = len(ts)
     a = torch.zeros(n, dtype=torch.float64)

@@ -101,7 +101,7 @@ def test_ddim_linspace_steps_to_the_next_visited_timestep():
     (the paper's sub-sequence τ). Check 'linspace' against eq. 12 written out directly."""
     table = ddim_table(SCHEDULE, 9, "linspace", eta=0.5, clip=False)
     ts = table.timesteps.tolist()
-    assert ts == timestep_sequence(T, 9, "linspace") and ts[0] == 999 and ts[-1] == 0
+    assert ts == timestep_sequence(SCHEDULE, 9, "linspace") and ts[0] == 999 and ts[-1] == 0
     ac = SCHEDULE.alphas_cumprod.tolist()
     zs = _noises(9, seed=3)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
