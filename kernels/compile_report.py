@@ -118,9 +118,9 @@ def unet_group_norm_calls(config: UNetConfig) -> list[tuple[tuple[int, ...], int
     arithmetic) with the op replaced by a recorder that hands on to the reference."""
     calls = []
 
-    def record(x, weight, bias, groups, eps, bias_nc=None, silu=True, mode="auto"):
+    def record(x, weight, bias, groups, eps, bias_nc=None, silu=True, mode="auto", scale_shift=None):
         calls.append((tuple(x.shape), groups, bias_nc is not None, silu))
-        return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu)
+        return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu, scale_shift)
 
     with torch.device("meta"), mock.patch.object(kernels, "group_norm_silu", record):
         unet = UNet(config)

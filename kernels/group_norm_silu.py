@@ -1,8 +1,15 @@
-"""GroupNorm with an optional per-(sample, channel) bias added first and an optional SiLU after.
+"""GroupNorm with an optional per-(sample, channel) bias added first, an optional per-(sample,
+channel) scale and shift after, and an optional SiLU last.
 
     h = x + bias_nc[:, :, None, None]                         (if bias_nc is given)
     y = (h − mean_g) / √(var_g + eps) · weight_c + bias_c     (statistics per sample and group)
+    y = y · (1 + scale_nc) + shift_nc                         (if scale_shift = [scale | shift])
     y = y · sigmoid(y)                                        (if silu)
+
+bias_nc is the DDPM U-Net's time embedding (added before norm2); scale_shift is diffusers'
+`resnet_time_scale_shift="scale_shift"` conditioning, the (N, 2C) output of the block's time
+projection as it stands. The kernel folds scale and shift into γ and β per (sample, channel):
+γ' = γ (1 + scale), β' = β (1 + scale) + shift, so the per-element work does not grow.
 
 mean_g and var_g (biased) are over the C/G channels × H·W pixels of group g of one sample.
 Statistics in float32 (float64 in the reference when given float64), I/O in the input dtype.
@@ -28,13 +35,19 @@ LOOP_TILE = 4096  # elements per chunk in the looped variant
 
 def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                               groups: int, eps: float, bias_nc: torch.Tensor | None = None,
-                              silu: bool = True) -> torch.Tensor:
-    """Plain torch. x: (N, C, *spatial); weight, bias: (C,); bias_nc: (N, C) or None."""
+                              silu: bool = True, scale_shift: torch.Tensor | None = None
+                              ) -> torch.Tensor:
+    """Plain torch. x: (N, C, *spatial); weight, bias: (C,); bias_nc: (N, C) or None;
+    scale_shift: (N, 2C) = [scale | shift] or None."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    per_nc = (*x.shape[:2], *([1] * (x.ndim - 2)))
     h = x.to(dtype)
     if bias_nc is not None:
-        h = h + bias_nc.to(dtype).view(*bias_nc.shape, *([1] * (x.ndim - 2)))
+        h = h + bias_nc.to(dtype).view(per_nc)
     y = F.group_norm(h, groups, weight.to(dtype), bias.to(dtype), eps)
+    if scale_shift is not None:
+        scale, shift = scale_shift.to(dtype).chunk(2, dim=1)
+        y = y * (1.0 + scale.reshape(per_nc)) + shift.reshape(per_nc)
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)
@@ -48,18 +61,26 @@ if HAS_TRITON:
     from .launch import Launch
 
     @triton.jit
-    def _channel_params(weight_ptr, bias_ptr, bias_nc_ptr, n, g, channels, channels_per_group,
-                        HAS_BIAS_NC: tl.constexpr, BLOCK_C: tl.constexpr):
-        """γ, β and the sample's bias_nc for the group's channels, fp32 (BLOCK_C,) each."""
+    def _channel_params(weight_ptr, bias_ptr, bias_nc_ptr, scale_shift_ptr, n, g, channels,
+                        channels_per_group, HAS_BIAS_NC: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+        """γ and β (with the sample's scale and shift folded in) and the sample's bias_nc for the
+        group's channels, fp32 (BLOCK_C,) each."""
         c = tl.arange(0, BLOCK_C)
         c_mask = c < channels_per_group
         ch = g * channels_per_group + c
         gamma = tl.load(weight_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
         beta = tl.load(bias_ptr + ch, mask=c_mask, other=0.0).to(tl.float32)
-        shift = tl.zeros((BLOCK_C,), tl.float32)
+        pre_bias = tl.zeros((BLOCK_C,), tl.float32)
         if HAS_BIAS_NC:
-            shift = tl.load(bias_nc_ptr + n * channels + ch, mask=c_mask, other=0.0).to(tl.float32)
-        return c, c_mask, gamma, beta, shift
+            pre_bias = tl.load(bias_nc_ptr + n * channels + ch, mask=c_mask, other=0.0).to(tl.float32)
+        if HAS_SCALE_SHIFT:  # row n of (N, 2C): scale at ch, shift at C + ch
+            row = scale_shift_ptr + n * 2 * channels + ch
+            scale = 1.0 + tl.load(row, mask=c_mask, other=0.0).to(tl.float32)
+            shift = tl.load(row + channels, mask=c_mask, other=0.0).to(tl.float32)
+            gamma = gamma * scale
+            beta = beta * scale + shift
+        return c, c_mask, gamma, beta, pre_bias
 
     @triton.jit
     def _normalize(h, mean, rstd, gamma, beta, SILU: tl.constexpr):
@@ -74,6 +95,7 @@ if HAS_TRITON:
         weight_ptr,  # (C,) γ
         bias_ptr,  # (C,) β
         bias_nc_ptr,  # (N, C) contiguous: added to x before the statistics (if HAS_BIAS_NC)
+        scale_shift_ptr,  # (N, 2C) contiguous: [scale | shift] after the norm (if HAS_SCALE_SHIFT)
         out_ptr,  # like x, same strides
         channels,  # C
         pixels,  # H·W
@@ -83,20 +105,21 @@ if HAS_TRITON:
         stride_p,  # element stride between pixels: 1 (NCHW) or C (NHWC)
         eps,
         HAS_BIAS_NC: tl.constexpr,
+        HAS_SCALE_SHIFT: tl.constexpr,
         SILU: tl.constexpr,
         BLOCK_C: tl.constexpr,  # next_pow2(C / G)
         BLOCK_P: tl.constexpr,  # next_pow2(H·W): the whole group in one tile
     ):
         pid = tl.program_id(0)
         n, g = pid // groups, pid % groups
-        c, c_mask, gamma, beta, shift = _channel_params(
-            weight_ptr, bias_ptr, bias_nc_ptr, n, g, channels, channels_per_group,
-            HAS_BIAS_NC, BLOCK_C)
+        c, c_mask, gamma, beta, pre_bias = _channel_params(
+            weight_ptr, bias_ptr, bias_nc_ptr, scale_shift_ptr, n, g, channels, channels_per_group,
+            HAS_BIAS_NC, HAS_SCALE_SHIFT, BLOCK_C)
         p = tl.arange(0, BLOCK_P)
         mask = (p < pixels)[:, None] & c_mask[None, :]
         base = n.to(tl.int64) * channels * pixels + g * channels_per_group * stride_c
         offs = base + p[:, None] * stride_p + c[None, :] * stride_c
-        h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + shift[None, :]
+        h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + pre_bias[None, :]
         count = pixels * channels_per_group * 1.0  # not .to(): both may be constexpr 1 when compiled
         mean = tl.sum(tl.sum(tl.where(mask, h, 0.0), axis=1), axis=0) / count
         centred = tl.where(mask, h - mean, 0.0)
@@ -110,20 +133,22 @@ if HAS_TRITON:
         weight_ptr,  # (C,) γ
         bias_ptr,  # (C,) β
         bias_nc_ptr,  # (N, C) contiguous (if HAS_BIAS_NC)
+        scale_shift_ptr,  # (N, 2C) contiguous (if HAS_SCALE_SHIFT)
         out_ptr,  # like x, same strides
         channels, pixels, channels_per_group, groups,  # C, H·W, C / G, G
         stride_c, stride_p,  # as in the registers kernel
         eps,
         HAS_BIAS_NC: tl.constexpr,
+        HAS_SCALE_SHIFT: tl.constexpr,
         SILU: tl.constexpr,
         BLOCK_C: tl.constexpr,  # next_pow2(C / G)
         BLOCK_P: tl.constexpr,  # pixels per chunk
     ):
         pid = tl.program_id(0)
         n, g = pid // groups, pid % groups
-        c, c_mask, gamma, beta, shift = _channel_params(
-            weight_ptr, bias_ptr, bias_nc_ptr, n, g, channels, channels_per_group,
-            HAS_BIAS_NC, BLOCK_C)
+        c, c_mask, gamma, beta, pre_bias = _channel_params(
+            weight_ptr, bias_ptr, bias_nc_ptr, scale_shift_ptr, n, g, channels, channels_per_group,
+            HAS_BIAS_NC, HAS_SCALE_SHIFT, BLOCK_C)
         p = tl.arange(0, BLOCK_P)
         base = n.to(tl.int64) * channels * pixels + g * channels_per_group * stride_c
         # pass 1: per-chunk mean and centred sum of squares, merged (Chan et al. 1979)
@@ -133,7 +158,7 @@ if HAS_TRITON:
         for start in range(0, pixels, BLOCK_P):
             mask = (start + p < pixels)[:, None] & c_mask[None, :]
             offs = base + (start + p)[:, None] * stride_p + c[None, :] * stride_c
-            h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + shift[None, :]
+            h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + pre_bias[None, :]
             n_chunk = (tl.minimum(pixels - start, BLOCK_P) * channels_per_group).to(tl.float32)
             mean_chunk = tl.sum(tl.sum(tl.where(mask, h, 0.0), axis=1), axis=0) / n_chunk
             centred = tl.where(mask, h - mean_chunk, 0.0)
@@ -148,17 +173,19 @@ if HAS_TRITON:
         for start in range(0, pixels, BLOCK_P):
             mask = (start + p < pixels)[:, None] & c_mask[None, :]
             offs = base + (start + p)[:, None] * stride_p + c[None, :] * stride_c
-            h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + shift[None, :]
+            h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + pre_bias[None, :]
             y = _normalize(h, mean, rstd, gamma, beta, SILU)
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     def group_norm_silu_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                groups: int, eps: float, bias_nc: torch.Tensor | None, silu: bool,
                                out: torch.Tensor, register_limit: int = REGISTER_LIMIT,
-                               loop_tile: int = LOOP_TILE) -> Launch:
+                               loop_tile: int = LOOP_TILE, scale_shift: torch.Tensor | None = None
+                               ) -> Launch:
         """The launch on dense x (NCHW-contiguous, or 4-D channels_last) into `out` (x's
-        strides); weight, bias (C,) and bias_nc (N, C) contiguous. Tests run it directly under
-        TRITON_INTERPRET=1, with small limits to reach the looped variant on small shapes."""
+        strides); weight, bias (C,), bias_nc (N, C) and scale_shift (N, 2C) contiguous. Tests
+        run it directly under TRITON_INTERPRET=1, with small limits to reach the looped variant
+        on small shapes."""
         batch, channels = x.shape[0], x.shape[1]
         pixels = x[0, 0].numel()
         if dense_layout(x) == torch.channels_last:
@@ -175,38 +202,43 @@ if HAS_TRITON:
         num_warps = 4 if block_c * block_p <= 2048 else 8 if block_c * block_p <= 8192 else 16
         return Launch(
             kernel, (batch * groups,),
-            (x, weight, bias, bias_nc if bias_nc is not None else weight, out,
+            (x, weight, bias, bias_nc if bias_nc is not None else weight,
+             scale_shift if scale_shift is not None else weight, out,
              channels, pixels, channels_per_group, groups, stride_c, stride_p, eps),
-            dict(HAS_BIAS_NC=bias_nc is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p),
+            dict(HAS_BIAS_NC=bias_nc is not None, HAS_SCALE_SHIFT=scale_shift is not None,
+                 SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p),
             num_warps)
 
     @triton_op("fastddpm::group_norm_silu", mutates_args=())
     def _group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                             groups: int, eps: float, bias_nc: torch.Tensor | None,
-                            silu: bool) -> torch.Tensor:
+                            silu: bool, scale_shift: torch.Tensor | None) -> torch.Tensor:
         """Operands prepared by `group_norm_silu`: x dense, the rest contiguous."""
         if not kernel_applies(x):  # reached under torch.compile tracing of CPU/float64 tensors
-            return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu)
+            return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu, scale_shift)
         out = torch.empty_like(x)
-        group_norm_silu_launch(x, weight, bias, groups, eps, bias_nc, silu, out).run()
+        group_norm_silu_launch(x, weight, bias, groups, eps, bias_nc, silu, out,
+                               scale_shift=scale_shift).run()
         return out
 
     @_group_norm_silu_op.register_kernel("cpu")
-    def _group_norm_silu_cpu(x, weight, bias, groups, eps, bias_nc, silu):
-        return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu)
+    def _group_norm_silu_cpu(x, weight, bias, groups, eps, bias_nc, silu, scale_shift):
+        return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu, scale_shift)
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
                     eps: float, bias_nc: torch.Tensor | None = None,
-                    silu: bool = True, mode: str = "auto") -> torch.Tensor:
-    """The fused op the U-Net calls for every GroupNorm (→ SiLU).
+                    silu: bool = True, mode: str = "auto",
+                    scale_shift: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused op the U-Net calls for every GroupNorm (→ scale-shift) (→ SiLU).
 
-    x: (N, C, *spatial), NCHW or channels_last; weight, bias: (C,); bias_nc: (N, C) or None.
-    mode: see kernels.dispatch. Differentiable: with autograd recording through any input it
-    runs the reference."""
-    if not use_fused(mode, x, weight, bias, bias_nc):
-        return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu)
+    x: (N, C, *spatial), NCHW or channels_last; weight, bias: (C,); bias_nc: (N, C) or None;
+    scale_shift: (N, 2C) = [scale | shift] or None. mode: see kernels.dispatch.
+    Differentiable: with autograd recording through any input it runs the reference."""
+    if not use_fused(mode, x, weight, bias, bias_nc, scale_shift):
+        return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu, scale_shift)
     x = x.contiguous(memory_format=dense_layout(x))  # no copy for NCHW or channels_last input
     bias_nc = None if bias_nc is None else bias_nc.contiguous()
+    scale_shift = None if scale_shift is None else scale_shift.contiguous()
     return torch.ops.fastddpm.group_norm_silu(x, weight.contiguous(), bias.contiguous(), groups,
-                                              float(eps), bias_nc, silu)
+                                              float(eps), bias_nc, silu, scale_shift)

@@ -45,11 +45,18 @@ def _inputs(shape, device, dtype, layout, bias_nc, seed=0):
     return x, weight, bias, b_nc
 
 
-def _expected(x, weight, bias, groups, b_nc, silu, dtype):
+def _expected(x, weight, bias, groups, b_nc, silu, dtype, scale_shift=None):
     """The float64 reference, rounded once to the I/O dtype."""
     y = gn.group_norm_silu_reference(x.double(), weight.double(), bias.double(), groups, 1e-6,
-                                     None if b_nc is None else b_nc.double(), silu)
+                                     None if b_nc is None else b_nc.double(), silu,
+                                     None if scale_shift is None else scale_shift.double())
     return y.to(dtype)
+
+
+def _scale_shift(x, seed=5):
+    """(N, 2C) = [scale | shift] of diffusers' scale-shift conditioning, away from 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(x.shape[0], 2 * x.shape[1], generator=g) * 0.7 + 0.3).to(x.device)
 
 
 def _check_against_reference(device, shape, groups, layout, **limits):
@@ -78,6 +85,40 @@ def test_registers_kernel_matches_reference(device, shape, groups, layout):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 def test_looped_kernel_matches_reference(device, shape, groups, layout):
     _check_against_reference(device, shape, groups, layout, **LOOPED)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,groups", SHAPES[:4] + SHAPES[5:], ids=str)
+@pytest.mark.parametrize("limits", [{}, LOOPED], ids=["registers", "looped"])
+def test_scale_shift_matches_reference(device, shape, groups, limits):
+    """GroupNorm → ·(1 + scale) + shift → SiLU (diffusers' scale-shift ResnetBlock2D), scale and
+    shift per (sample, channel), folded into γ and β by the kernel; with and without SiLU."""
+    layout = torch.channels_last if len(shape) == 4 and shape[2] * shape[3] > 1 else torch.contiguous_format
+    for dtype in dtypes_for(device):
+        x, weight, bias, _ = _inputs(shape, device, dtype, layout, False)
+        scale_shift = _scale_shift(x)
+        for silu in (True, False):
+            out = poisoned(x)
+            gn.group_norm_silu_launch(x, weight, bias, groups, 1e-6, None, silu, out,
+                                      scale_shift=scale_shift, **limits).run()
+            want = _expected(x, weight, bias, groups, None, silu, dtype, scale_shift)
+            assert_close(out, want, dtype)
+            # and it is not the plain norm: the scale and shift moved every sample
+            plain = _expected(x, weight, bias, groups, None, silu, dtype)
+            assert (want - plain).abs().amax() > 0.1
+
+
+def test_scale_shift_reference_is_diffusers_order():
+    """The reference against the formula of diffusers' ResnetBlock2D, written out in float64:
+    GroupNorm, then h·(1 + scale) + shift with [scale | shift] = chunk(temb, 2), then SiLU."""
+    x, weight, bias, _ = _inputs((2, 8, 3, 3), "cpu", torch.float64, torch.contiguous_format, False)
+    temb = _scale_shift(x).double()
+    scale, shift = temb[:, :8, None, None], temb[:, 8:, None, None]
+    want = torch.nn.functional.silu(
+        torch.nn.functional.group_norm(x, 4, weight.double(), bias.double(), 1e-6) * (1 + scale) + shift)
+    got = gn.group_norm_silu_reference(x, weight.double(), bias.double(), 4, 1e-6, scale_shift=temb)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @needs_triton
@@ -166,8 +207,12 @@ def test_training_differentiates_through_the_reference(mode):
 @needs_triton
 def test_op_cpu_kernel_is_the_reference():
     x, weight, bias, b_nc = _inputs((2, 8, 3, 3), "cpu", torch.float64, torch.contiguous_format, True)
-    got = torch.ops.fastddpm.group_norm_silu(x, weight, bias, 4, 1e-6, b_nc, True)
+    got = torch.ops.fastddpm.group_norm_silu(x, weight, bias, 4, 1e-6, b_nc, True, None)
     want = gn.group_norm_silu_reference(x, weight, bias, 4, 1e-6, b_nc, True)
+    assert torch.equal(got, want)
+    scale_shift = _scale_shift(x).double()
+    got = torch.ops.fastddpm.group_norm_silu(x, weight, bias, 4, 1e-6, None, True, scale_shift)
+    want = gn.group_norm_silu_reference(x, weight, bias, 4, 1e-6, None, True, scale_shift)
     assert torch.equal(got, want)
 
 
