@@ -7,6 +7,7 @@ from pathlib import Path
 from fastddpm.dtypes import DTYPES
 from fastddpm.errors import UserError
 from fastddpm.files import refuse_overwriting_inputs
+from fastddpm.limits import check_request_fits
 from fastddpm.options import MAX_BATCH, SamplingOptions, add_sampling_arguments
 
 from . import GRAPHS, require_onnx_export
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         refuse_overwriting_inputs(path, args.model)
         refuse_overwriting_inputs(f"{path}.data", args.model)
     model = checkpoint.load(args.model)
+    if args.batch is not None:  # traced, and validated against PyTorch, at that batch
+        check_request_fits(model.config, 0, args.batch, f"--batch {args.batch}")
     if args.format == "onnx":
         from .onnx import export_onnx
 

@@ -17,8 +17,9 @@ from .backends import get_backend, make_denoiser, resolve_device
 from .dtypes import torch_dtype
 from .errors import UserError
 from .kernels.noise import INIT_STREAM
+from .limits import check_request_fits
 from .model import DiffusionModel
-from .options import SamplingOptions
+from .options import MAX_BATCH, SamplingOptions
 
 
 class _Buffers:
@@ -133,12 +134,21 @@ class Sampler:
         return buf.x.clone()
 
 
-def check_request(num: int, seed: int) -> None:
-    """One-line errors for the arguments every way of drawing images takes."""
+def check_request(num: int, seed: int, model: DiffusionModel | None = None,
+                  kept: int | None = None, batch: int | None = None, what: str | None = None) -> None:
+    """One-line errors for the arguments every way of drawing images takes. With `model`, also
+    that the request fits in this machine's memory (fastddpm.limits): `kept` images (default
+    `num`) held until written, one batch of `batch` (default min(num, MAX_BATCH)) at a time;
+    `what` names the request in the message (default: drawing `num` images)."""
     if num <= 0:
         raise UserError(f"num must be positive, got {num}")
     if not 0 <= seed < 2**63:
         raise UserError(f"seed must be in [0, 2^63), got {seed}")
+    if model is not None:
+        check_request_fits(model.config, num if kept is None else kept,
+                           min(num, MAX_BATCH) if batch is None else batch,
+                           what or f"drawing {num} images", "ask for fewer" if what else
+                           "ask for fewer (sharded sampling under torchrun writes as it goes)")
 
 
 def sample(model: DiffusionModel | str | None = None, num: int = 64, seed: int = 0,
@@ -155,6 +165,7 @@ def sample(model: DiffusionModel | str | None = None, num: int = 64, seed: int =
     check_request(num, seed)
     if not isinstance(model, DiffusionModel):
         model = load(model or "default")
+    check_request(num, seed, model, batch=min(num, options.batch_size or MAX_BATCH))
     runner = Sampler(model, options)
     batches = options.batches(num)
     bar = None

@@ -12,17 +12,21 @@ import time
 import torch
 
 from .. import data, images, paper
+from ..distributed import launched_world
 from ..errors import UserError
 from ..files import refuse_overwriting_inputs
 from ..options import SamplingOptions, add_sampling_arguments
 from ..runtime import check_request, sample
+from ..shards import refuse_unfinished
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="model file (.pt / .safetensors), a diffusers model or pipeline folder, an "
                         "original DDPM state dict, or 'default' for the bundled digits model")
-    p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("-n", "--num", type=int, default=64,
+                   help="number of images (default 64); under torchrun write -n: torchrun reads "
+                        "--num as its own --numa-binding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png",
                    help="*.png (a grid), *.npz (uint8 NHWC array) or DIR/ (one PNG per image)")
@@ -52,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
     if args.source is None and (args.t is not None or args.interpolate is not None):
         raise UserError("--t and --interpolate start from images: add --from IMAGES")
     options = SamplingOptions.from_args(args)
+    if launched_world() > 1:
+        if args.progressive is not None or args.source is not None:
+            raise UserError("--progressive and --from run in one process; run them without torchrun")
+        return _sharded(args, options)
+    refuse_unfinished(args.out)
     if args.progressive is not None:
         return _progressive(args, fmt, options)
     if args.source is not None:
@@ -66,13 +75,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sharded(args: argparse.Namespace, options: SamplingOptions) -> int:
+    """Under torchrun: this rank's share of the images, joined by rank 0 (fastddpm.shards)."""
+    from ..backends import resolve_device
+    from ..checkpoint import load
+    from ..distributed import init_distributed, rank_device
+    from ..shards import sample_to
+
+    check_request(args.num, args.seed)
+    options = options.replace(device=rank_device(options.device))
+    model = load(args.model)
+    ctx = init_distributed(resolve_device(options.device).type)
+    start = time.perf_counter()
+    drawn = sample_to(args.out, model, args.num, args.seed, options, ctx,
+                      progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    if ctx.main:
+        print(f"wrote {args.num} images to {args.out} ({drawn} drawn now on {ctx.world} ranks, "
+              f"{elapsed:.1f} s)", file=sys.stderr)
+    ctx.close()
+    return 0
+
+
 def _progressive(args: argparse.Namespace, fmt: str, options: SamplingOptions) -> int:
     if fmt != "png":
         raise UserError("--progressive draws a PNG grid (a row per image, a column per snapshot); "
                         "end --out in .png")
     if options.batch_size is not None:
         raise UserError("--progressive draws its --num images in one batch; drop --batch-size")
-    frames = paper.progressive(args.model, num=args.num, snapshots=args.progressive,
+    from ..checkpoint import load
+
+    model = load(args.model)
+    # its --num images in one batch, every snapshot of each kept until the grid is written
+    check_request(args.num, args.seed, model, kept=args.num * args.progressive,
+                  batch=args.num, what=f"--num {args.num} × --progressive {args.progressive}")
+    frames = paper.progressive(model, num=args.num, snapshots=args.progressive,
                                seed=args.seed, options=options)
     images.save(frames.transpose(0, 1).flatten(0, 1), args.out, nrow=args.progressive)
     print(f"wrote {args.num} images × {args.progressive} snapshots to {args.out}", file=sys.stderr)
@@ -92,6 +129,9 @@ def _from_images(args: argparse.Namespace, fmt: str, options: SamplingOptions) -
     t = model.schedule.num_timesteps // 2 if args.t is None else args.t
     start = time.perf_counter()
     if args.interpolate is None:
+        # one batch; the grid holds each input beside its reconstruction
+        check_request(len(x0), args.seed, model, kept=2 * len(x0), batch=len(x0),
+                      what=f"reconstructing {len(x0)} images in one batch")
         x = paper.reconstruct(model, x0, t, seed=args.seed, options=options)
         rows, what = torch.stack([x0, x], 1), f"{len(x)} reconstructions from x_{t}"
     else:
@@ -100,6 +140,9 @@ def _from_images(args: argparse.Namespace, fmt: str, options: SamplingOptions) -
         pairs = len(x0) // 2
         if pairs == 0:
             raise UserError(f"--interpolate needs at least 2 images; {args.source} gave {len(x0)}")
+        # the pairs in one batch per weight; the mixes, and the grid's rows of them, kept
+        check_request(pairs, args.seed, model, kept=2 * pairs * (args.interpolate + 2), batch=pairs,
+                      what=f"--interpolate {args.interpolate} of {pairs} pairs")
         a, b = x0[0:2 * pairs:2], x0[1:2 * pairs:2]
         lambdas = torch.linspace(0, 1, args.interpolate).tolist()
         x = paper.interpolate(model, a, b, lambdas, t, seed=args.seed, options=options).transpose(0, 1)
