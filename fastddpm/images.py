@@ -22,7 +22,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
     """One image tiling all of `images` (N, C, H, W), `nrow` per row (default ≈ √N)."""
-    arr = to_uint8(images)
+    return _grid_uint8(to_uint8(images), nrow, pad)
+
+
+def _grid_uint8(arr: np.ndarray, nrow: int | None, pad: int = 2) -> Image.Image:
     n, h, w, c = arr.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -63,17 +66,22 @@ def check_output(path: str | Path) -> str:
 def save(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> None:
     """Write `images` to `path` in the format its name says (see `output_format`); a PNG grid
     has `nrow` images per row (default ≈ √N)."""
+    save_uint8(to_uint8(images), path, nrow)
+
+
+def save_uint8(arr: np.ndarray, path: str | Path, nrow: int | None = None) -> None:
+    """`save` for images already quantised: (N, H, W, C) uint8, as `to_uint8` gives."""
     fmt = check_output(path)
     if fmt == "png":
         with atomic_write(path) as tmp:
-            grid(images, nrow).save(tmp, format="PNG")
+            _grid_uint8(arr, nrow).save(tmp, format="PNG")
     elif fmt == "npz":
         with atomic_write(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, images=to_uint8(images))
+                np.savez(f, images=arr)
     else:
         # built beside and swapped in whole: two runs never mix, no stale image stays
         with atomic_folder(str(path).rstrip("/")) as folder:
-            for k, arr in enumerate(to_uint8(images)):
-                Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(
+            for k, one in enumerate(arr):
+                Image.fromarray(one[..., 0] if one.shape[-1] == 1 else one).save(
                     folder / f"{k:06d}.png", format="PNG")

@@ -12,17 +12,21 @@ import time
 import torch
 
 from .. import data, images, paper
+from ..distributed import launched_world
 from ..errors import UserError
 from ..files import refuse_overwriting_inputs
 from ..options import SamplingOptions, add_sampling_arguments
 from ..runtime import check_request, sample
+from ..shards import refuse_unfinished
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="model file (.pt / .safetensors), a diffusers model or pipeline folder, an "
                         "original DDPM state dict, or 'default' for the bundled digits model")
-    p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("-n", "--num", type=int, default=64,
+                   help="number of images (default 64); under torchrun write -n: torchrun reads "
+                        "--num as its own --numa-binding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png",
                    help="*.png (a grid), *.npz (uint8 NHWC array) or DIR/ (one PNG per image)")
@@ -52,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
     if args.source is None and (args.t is not None or args.interpolate is not None):
         raise UserError("--t and --interpolate start from images: add --from IMAGES")
     options = SamplingOptions.from_args(args)
+    if launched_world() > 1:
+        if args.progressive is not None or args.source is not None:
+            raise UserError("--progressive and --from run in one process; run them without torchrun")
+        return _sharded(args, options)
+    refuse_unfinished(args.out)
     if args.progressive is not None:
         return _progressive(args, fmt, options)
     if args.source is not None:
@@ -63,6 +72,28 @@ def run(args: argparse.Namespace) -> int:
     images.save(x, args.out)
     print(f"wrote {len(x)} images to {args.out} ({elapsed:.1f} s, {len(x) / elapsed:.2f} img/s)",
           file=sys.stderr)
+    return 0
+
+
+def _sharded(args: argparse.Namespace, options: SamplingOptions) -> int:
+    """Under torchrun: this rank's share of the images, joined by rank 0 (fastddpm.shards)."""
+    from ..backends import resolve_device
+    from ..checkpoint import load
+    from ..distributed import init_distributed, rank_device
+    from ..shards import sample_to
+
+    check_request(args.num, args.seed)
+    options = options.replace(device=rank_device(options.device))
+    model = load(args.model)
+    ctx = init_distributed(resolve_device(options.device).type)
+    start = time.perf_counter()
+    drawn = sample_to(args.out, model, args.num, args.seed, options, ctx,
+                      progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    if ctx.main:
+        print(f"wrote {args.num} images to {args.out} ({drawn} drawn now on {ctx.world} ranks, "
+              f"{elapsed:.1f} s)", file=sys.stderr)
+    ctx.close()
     return 0
 
 

@@ -1,0 +1,192 @@
+"""Sampling spread over the processes of a torchrun job, written as shards a re-run resumes.
+
+The job's sample indices 0..num−1 are cut into the batches one process would draw
+(`SamplingOptions.batches`); batch k is shard k, and rank r draws shards r, r+W, r+2W, ... of a
+world of W. Noise is counter-based (seed, sample index, step), and each shard is exactly one of
+the single process's batches, so the images are the same bytes as `fastddpm sample` gives in
+one process, at any number of ranks.
+
+Shards are uint8 arrays written atomically into a work folder beside the output,
+`.<name>.shards/`, with a manifest of the job's identity (model hash, sampling options, seed,
+num, world layout). A re-run of the same command skips the shards already there; a re-run
+whose identity differs is refused (one line) rather than mixing two jobs' images. When every
+shard is in, rank 0 joins them into the output — an .npz, a PNG grid, or a folder of PNGs built
+beside and swapped in whole (fastddpm.images) — and deletes the work folder.
+
+Every rank must see the output's folder: across nodes it lies on a shared filesystem.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import images
+from .distributed import Distributed
+from .errors import UserError
+from .files import atomic_write
+from .model import DiffusionModel
+from .options import SamplingOptions
+from .runtime import Sampler
+
+MANIFEST = "manifest.json"
+LAYOUT_VERSION = 1
+
+
+def work_folder(out: str | Path) -> Path:
+    """Where a sharded run to `out` keeps its shards until they are joined."""
+    target = Path(str(out).rstrip("/") or "/")
+    return target.parent / f".{target.name}.shards"
+
+
+def model_hash(model: DiffusionModel) -> str:
+    """sha256 of the model's configuration and weights (names, dtypes, shapes, bytes): what the
+    images depend on, whatever file or folder the model was read from."""
+    h = hashlib.sha256()
+    h.update(json.dumps([model.config.to_dict(), model.schedule.config.to_dict(),
+                         model.sampling.to_dict()], sort_keys=True).encode())
+    for name, value in sorted(model.unet.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def job_identity(model: DiffusionModel, num: int, seed: int, options: SamplingOptions,
+                 world: int) -> dict:
+    """Everything a shard's bytes depend on, and how the job is cut (JSON-ready)."""
+    chosen = asdict(options)
+    # the rank's own GPU is chosen per rank; only the kind of device changes the numbers
+    chosen["device"] = torch.device(options.device or "cpu").type
+    return {"version": LAYOUT_VERSION, "model": model_hash(model), "options": chosen,
+            "seed": seed, "num": num, "world": world, "shard_images": options.batches(num)[0][1]}
+
+
+def _shard_path(folder: Path, k: int) -> Path:
+    return folder / f"shard-{k:06d}.npy"
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    keys = [k for k in new if old.get(k) != new[k]] or ["layout"]
+    return ", ".join(f"{k} {old.get(k)!r} → {new[k]!r}" if k != "model" else "model weights"
+                     for k in keys)
+
+
+def _prepare(folder: Path, identity: dict) -> str | None:
+    """Rank 0: open or start the work folder. None when ready, else the one-line refusal."""
+    manifest = folder / MANIFEST
+    if folder.exists():
+        try:
+            old = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            return (f"{folder} is not an unfinished fastddpm run (no readable {MANIFEST}); "
+                    "delete it or choose another output path")
+        if old != identity:
+            return (f"{folder} holds an unfinished run of another job "
+                    f"({_describe_difference(old, identity)}); re-run the command that started it "
+                    "(same options and torchrun layout), "
+                    f"or delete {folder} to start over")
+        for stale in folder.glob(".*.tmp"):  # a killed rank's half-written shard
+            stale.unlink()
+        return None
+    folder.mkdir()
+    with atomic_write(manifest) as tmp:
+        tmp.write_text(json.dumps(identity, indent=1))
+    return None
+
+
+def refuse_unfinished(out: str | Path) -> None:
+    """A one-process run must not write beside the shards of an unfinished torchrun job to the
+    same output: they belong to another layout."""
+    folder = work_folder(out)
+    if folder.exists():
+        raise UserError(f"{folder} holds an unfinished sharded run to {out}; re-run its torchrun "
+                        f"command to finish it, or delete {folder} to start over")
+
+
+def my_shards(num: int, options: SamplingOptions, ctx: Distributed) -> list[tuple[int, int, int]]:
+    """(shard number, first sample index, images) of this rank's shards: every W-th batch."""
+    return [(k, first, n) for k, (first, n) in enumerate(options.batches(num))
+            if k % ctx.world == ctx.rank]
+
+
+def draw(runner: Sampler, seed: int, first: int, n: int) -> np.ndarray:
+    """Samples first..first+n−1 as (n, H, W, C) uint8: the same bytes `fastddpm sample` writes."""
+    return images.to_uint8(runner.run(seed, first, n).float().clamp(-1.0, 1.0).cpu())
+
+
+def in_rounds(todo: list, ctx: Distributed, work: Callable[[object], int],
+              on_round: Callable[[int], None]) -> None:
+    """Run `work(item)` for each of this rank's `todo` in lock-step rounds (ranks with fewer
+    items idle through the last ones) and tell `on_round` how much all ranks did in each:
+    what lets rank 0 show the whole job's progress."""
+    rounds = int(ctx.all_reduce_max(torch.tensor([len(todo)], dtype=torch.int64)).item())
+    for i in range(rounds):
+        done = work(todo[i]) if i < len(todo) else 0
+        on_round(int(ctx.all_reduce_sum(torch.tensor([done], dtype=torch.int64)).item()))
+
+
+def sample_to(out: str | Path, model: DiffusionModel, num: int, seed: int,
+              options: SamplingOptions, ctx: Distributed, progress: bool = True) -> int:
+    """Draw `num` images of `seed` across the job's ranks into `out` (.npz, .png or DIR/),
+    resuming from the shards a previous run of the same job left. Returns the number of
+    images this run drew (all ranks)."""
+    folder = work_folder(out)
+    identity = job_identity(model, num, seed, options, ctx.world)
+    refusal = ctx.broadcast_from_main(_prepare(folder, identity) if ctx.main else None)
+    if refusal is not None:
+        raise UserError(refusal)
+    ctx.barrier()  # the folder exists and holds no stale temp file before any rank writes
+    shards = options.batches(num)
+    finished = sum(n for k, (_, n) in enumerate(shards) if _shard_path(folder, k).is_file())
+    todo = [s for s in my_shards(num, options, ctx) if not _shard_path(folder, s[0]).is_file()]
+    bar = None
+    if progress and ctx.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num, initial=finished, unit="img", desc=f"sampling on {ctx.world} ranks")
+        if finished:
+            print(f"resuming: {finished} of {num} images already drawn in {folder}", file=sys.stderr)
+    runner = Sampler(model, options)
+
+    def draw_shard(shard: tuple[int, int, int]) -> int:
+        k, first, n = shard
+        arr = draw(runner, seed, first, n)
+        with atomic_write(_shard_path(folder, k)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+        return n
+
+    in_rounds(todo, ctx, draw_shard, bar.update if bar is not None else lambda n: None)
+    if bar is not None:
+        bar.close()
+    ctx.barrier()  # every shard is on disk
+    if ctx.main:
+        images.save_uint8(_join(folder, shards, runner.image_shape), out)
+        shutil.rmtree(folder)
+    ctx.barrier()  # no rank returns before the output is in place
+    return num - finished
+
+
+def _join(folder: Path, shards: list[tuple[int, int]], image_shape: tuple[int, ...]) -> np.ndarray:
+    c, h, w = image_shape
+    parts = []
+    for k, (_, n) in enumerate(shards):
+        path = _shard_path(folder, k)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"shard {path} is unreadable ({e}); delete it and re-run to draw it "
+                            "again") from None
+        if arr.shape != (n, h, w, c) or arr.dtype != np.uint8:
+            raise UserError(f"shard {path} holds {arr.dtype} {arr.shape}, not ({n}, {h}, {w}, {c}) "
+                            "uint8; delete it and re-run to draw it again")
+        parts.append(arr)
+    return np.concatenate(parts)
