@@ -16,7 +16,8 @@ from fastddpm.options import MAX_BATCH
 from . import require_onnx_export
 
 
-def _export_denoiser(model: DiffusionModel, engine: str, device: torch.device, dtype: torch.dtype):
+def _export_denoiser(model: DiffusionModel, engine: str, device: torch.device, dtype: torch.dtype,
+                     threads: int):
     """`denoise(x, t)` over the model's ε graph, exported now into a temp folder and validated."""
     require_onnx_export(f"the {engine} backend")  # it runs our ONNX export of the model
     from .onnx import OnnxOptions, export_onnx
@@ -33,15 +34,16 @@ def _export_denoiser(model: DiffusionModel, engine: str, device: torch.device, d
     else:
         from .runners import OrtRunner
 
-        runner = OrtRunner(onnx_path, device)
+        runner = OrtRunner(onnx_path, device, threads)
 
     @torch.inference_mode()
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return runner(x=x, t=t)["eps"].to(x.device)
 
     denoise.workdir = workdir  # the artifacts live as long as the denoiser
+    denoise.runner = runner  # its session (threads, providers) for callers and tests
     return denoise
 
 
-ONNXRUNTIME = Backend("onnxruntime", lambda m, d, t: _export_denoiser(m, "onnxruntime", d, t))
-TENSORRT = Backend("tensorrt", lambda m, d, t: _export_denoiser(m, "tensorrt", d, t))
+ONNXRUNTIME = Backend("onnxruntime", lambda m, d, t, n: _export_denoiser(m, "onnxruntime", d, t, n))
+TENSORRT = Backend("tensorrt", lambda m, d, t, n: _export_denoiser(m, "tensorrt", d, t, n))

@@ -13,9 +13,8 @@ validation) + 0.7 s convert_model(path) (0.01 s core.read_model) + 0.16-0.27 s c
 is the same either way, 24-30 ms medians within this machine's noise (torch eager: 24-39 ms), and
 both match torch fp32 to 2e-6.
 
-Threads: INFERENCE_NUM_THREADS is set to torch.get_num_threads() when the denoiser is made, so
-`torch.set_num_threads` (or OMP_NUM_THREADS, which torch reads) is the one threads knob of the
-process, whichever backend computes ε.
+Threads: INFERENCE_NUM_THREADS is the sampler's `threads` (SamplingOptions.threads, --threads;
+default: the threads torch uses), the one threads knob whichever backend computes ε.
 
 Precision: the engine's I/O is always f32; --dtype picks INFERENCE_PRECISION_HINT (f32, bf16,
 f16), refused in one line where the CPU has no native support for it. x comes in the sampler's
@@ -29,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from fastddpm.backends import Backend, Denoiser
+from fastddpm.backends import Backend, Denoiser, resolve_threads
 from fastddpm.dtypes import dtype_name
 from fastddpm.errors import UserError, require_extra
 from fastddpm.model import DiffusionModel
@@ -43,7 +42,7 @@ def import_openvino():
     return require_extra("openvino", "openvino", "the openvino backend")
 
 
-def compile_config(core, dtype: torch.dtype) -> dict[str, object]:
+def compile_config(core, dtype: torch.dtype, threads: int) -> dict[str, object]:
     """The CPU plugin's config for `dtype`, or a one-line error where the CPU cannot run it."""
     if dtype not in PRECISIONS:
         raise UserError(f"the openvino backend runs fp32, bf16 or fp16, not {dtype}")
@@ -51,7 +50,7 @@ def compile_config(core, dtype: torch.dtype) -> dict[str, object]:
     if capability is not None and capability not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise UserError(f"this CPU has no native {dtype_name(dtype)} for OpenVINO; use --dtype fp32")
     return {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+            "INFERENCE_NUM_THREADS": threads}
 
 
 def convert(model: DiffusionModel):
@@ -73,13 +72,14 @@ def convert(model: DiffusionModel):
     return graph, unet
 
 
-def make(model: DiffusionModel, device: torch.device, dtype: torch.dtype) -> Denoiser:
+def make(model: DiffusionModel, device: torch.device, dtype: torch.dtype,
+         threads: int | None = None) -> Denoiser:
     device = torch.device(device)
     if device.type != "cpu":  # before anything touches the device
         raise UserError("the openvino backend runs on the CPU; pass --device cpu or use --backend torch")
     ov = import_openvino()
     core = ov.Core()
-    config = compile_config(core, dtype)
+    config = compile_config(core, dtype, resolve_threads(threads))
     graph, unet = convert(model)
     compiled = core.compile_model(graph, "CPU", config)
     request = compiled.create_infer_request()

@@ -29,7 +29,8 @@ ENTRY_POINT_GROUP = "fastddpm.backends"
 @dataclass(frozen=True)
 class Backend:
     name: str
-    make: Callable[[DiffusionModel, torch.device, torch.dtype], Denoiser]
+    # make(model, device, dtype, threads): threads is the one CPU thread count the engine uses
+    make: Callable[[DiffusionModel, torch.device, torch.dtype, int], Denoiser]
     # whether its ε call can be captured inside the sampler's CUDA graph (ONNX Runtime and
     # TensorRT run on streams of their own, outside torch's capture)
     graph_capturable: bool = False
@@ -64,10 +65,16 @@ def get_backend(name: str) -> Backend:
     return _registry[name]
 
 
+def resolve_threads(threads: int | None) -> int:
+    """The CPU threads an engine runs on: `threads`, or by default the threads torch uses."""
+    return threads if threads is not None else torch.get_num_threads()
+
+
 def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
-                  dtype: torch.dtype) -> Denoiser:
-    """The ε-model callable of backend `backend` on `device` in `dtype`."""
-    return get_backend(backend).make(model, device, dtype)
+                  dtype: torch.dtype, threads: int | None = None) -> Denoiser:
+    """The ε-model callable of backend `backend` on `device` in `dtype`, on `threads` CPU threads
+    (default: torch's count)."""
+    return get_backend(backend).make(model, device, dtype, resolve_threads(threads))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -96,23 +103,29 @@ def _torch_unet(model: DiffusionModel, device: torch.device, dtype: torch.dtype)
     return unet.to(device=device, dtype=dtype).eval()
 
 
-def _no_grad(unet: Callable) -> Denoiser:
+def _no_grad(unet: Callable, threads: int) -> Denoiser:
     @torch.inference_mode()
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # torch's pool is process-wide: set per call, as another engine or caller may have moved it
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         return unet(x, t)
 
     return denoise
 
 
-def _eager(model: DiffusionModel, device: torch.device, dtype: torch.dtype) -> Denoiser:
-    return _no_grad(_torch_unet(model, device, dtype))
+def _eager(model: DiffusionModel, device: torch.device, dtype: torch.dtype,
+           threads: int | None = None) -> Denoiser:
+    return _no_grad(_torch_unet(model, device, dtype), resolve_threads(threads))
 
 
-def _compiled(model: DiffusionModel, device: torch.device, dtype: torch.dtype) -> Denoiser:
+def _compiled(model: DiffusionModel, device: torch.device, dtype: torch.dtype,
+              threads: int | None = None) -> Denoiser:
     # the default mode: no CUDA graphs of inductor's own (ours wraps the whole step), and no
     # max-autotune — 88 % of the U-Net's FLOPs are 3×3 convolutions, which stay with cuDNN,
     # while autotuning the rest would cost minutes per batch size
-    return _no_grad(torch.compile(_torch_unet(model, device, dtype), fullgraph=True))
+    return _no_grad(torch.compile(_torch_unet(model, device, dtype), fullgraph=True),
+                    resolve_threads(threads))
 
 
 register_backend(Backend("torch", _eager, graph_capturable=True))

@@ -34,6 +34,7 @@ class SamplingOptions:
     dtype: str = "fp32"  # the U-Net's weights and activations; the step is fp32 whatever this
     cuda_graph: bool = True  # capture the whole step as a CUDA graph (CUDA only)
     batch_size: int | None = None  # images per batch; None: min(num, MAX_BATCH)
+    threads: int | None = None  # CPU threads of whichever engine runs; None: torch's count
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -56,6 +57,8 @@ class SamplingOptions:
             raise UserError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.batch_size is not None and self.batch_size <= 0:
             raise UserError(f"batch size must be positive, got {self.batch_size}")
+        if self.threads is not None and self.threads <= 0:
+            raise UserError(f"threads must be positive, got {self.threads}")
 
     @classmethod
     def of(cls, options: SamplingOptions | None = None, **choices) -> SamplingOptions:
@@ -112,3 +115,6 @@ def add_sampling_arguments(p: argparse.ArgumentParser, execution: bool = True) -
     g.add_argument("--no-cuda-graph", action="store_true", help="run the step loop eagerly on CUDA")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"images per batch (default: up to {MAX_BATCH})")
+    g.add_argument("--threads", type=int, default=d.threads,
+                   help="CPU threads of the ε engine, whichever runs (default: the threads torch "
+                        "uses, usually one per core)")

@@ -57,7 +57,7 @@ class Sampler:
         self.dtype = torch_dtype(options.dtype)
         cfg = model.config
         self.image_shape = (cfg.out_channels, cfg.image_size, cfg.image_size)
-        self.denoise = make_denoiser(model, options.backend, self.device, self.dtype)
+        self.denoise = make_denoiser(model, options.backend, self.device, self.dtype, options.threads)
         self.coef = self.table.coef.to(device=self.device, dtype=torch.float32)
         self.timesteps = self.table.timesteps.to(self.device)
         self.use_graph = (options.cuda_graph and self.device.type == "cuda"

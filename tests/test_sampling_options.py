@@ -124,7 +124,7 @@ def test_cli_refuses_in_one_line(argv, words, capsys, tmp_path, monkeypatch):
 def test_registered_backend_is_the_one_that_runs():
     calls = []
 
-    def make(model, device, dtype):
+    def make(model, device, dtype, threads):
         unet = model.unet.to(device, dtype)
 
         def denoise(x, t):
