@@ -127,3 +127,126 @@ def test_images_to_start_from_are_all_of_a_users_and_the_heldout_of_a_data_set(t
     (tmp_path / "notes.txt").write_text("not images")
     with pytest.raises(UserError, match="unsupported data file"):
         data.images(str(tmp_path / "notes.txt"), 6, 1)
+
+
+def _npz_with_header(path, shape, descr="<f4", data=b"\0" * 64):
+    """An .npz whose one member's header says `shape` / `descr` over `data` (crafted: no
+    numpy writer would produce it)."""
+    import io
+    import zipfile
+
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {"descr": descr, "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("images.npy", npy.getvalue() + data)
+    return path
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header says width × height over a few bytes of image data (a decompression
+    bomb's header: PIL reads the size before decoding anything)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _valid_npz(path):
+    np.savez(path, images=np.random.default_rng(0).integers(0, 256, (4, 8, 8), dtype=np.uint8))
+    return path
+
+
+def _valid_png(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(path)
+    return path
+
+
+def _saved(**arrays):
+    return lambda p: np.savez(p, **arrays) or p
+
+
+def _cut(make, keep):
+    return lambda p: p.write_bytes(make(p).read_bytes()[:keep]) and p
+
+
+# every way a data file was found to break a reader: each ends in one line naming the file
+BAD_FILES = {
+    "truncated npz": (_cut(_valid_npz, 150), "x.npz", "cannot read"),
+    "not a zip": (lambda p: p.write_bytes(b"PK\x03\x04 garbage") and p, "x.npz", "cannot read"),
+    "empty npz": (_saved(), "x.npz", "holds no arrays"),
+    "pickled objects": (_saved(images=np.array([{"a": 1}, None], dtype=object)), "x.npz", "must be numbers"),
+    "strings": (_saved(images=np.array([["ab", "cd"]] * 2)), "x.npz", "must be numbers"),
+    "complex": (_saved(images=np.ones((2, 4, 4), np.complex64)), "x.npz", "must be numbers"),
+    "no images": (_saved(images=np.zeros((0, 8, 8), np.uint8)), "x.npz", "holds no images"),
+    "zero height": (_saved(images=np.zeros((3, 0, 8), np.uint8)), "x.npz", "holds no images"),
+    "a vector": (_saved(images=np.zeros(12, np.uint8)), "x.npz", "expected images"),
+    "header past its data": (lambda p: _npz_with_header(p, (4, 8, 8)), "x.npz", "truncated"),
+    "header past the machine": (lambda p: _npz_with_header(p, (10**9, 1024, 1024), data=b""), "x.npz",
+                                "truncated"),
+    "NaN": (_saved(images=np.full((2, 4, 4), np.nan, np.float32)), "x.npz", "must lie in"),
+    "truncated png": (_cut(_valid_png, 60), "x.png", "cannot read image"),
+    "decompression bomb": (lambda p: _png_header_only(p, 100_000, 100_000), "x.png", "decompression bomb"),
+    "a GIF named .png": (lambda p: Image.new("L", (4, 4)).save(p, format="GIF") or p, "x.png",
+                         "cannot read image"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_a_damaged_data_file_is_one_line_naming_it(tmp_path, case):
+    make, name, message = BAD_FILES[case]
+    path = make(tmp_path / name)
+    for read in (lambda: data.load(str(path), 8, 1), lambda: data.images(str(path), 8, 1)):
+        with pytest.raises(UserError, match=message) as caught:
+            read()
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_big_endian_floats_read_as_their_values(tmp_path):
+    rng = np.random.default_rng(4)
+    values = rng.random((3, 8, 8))
+    np.savez(tmp_path / "be.npz", images=values.astype(">f8"))
+    torch.testing.assert_close(data.images(str(tmp_path / "be.npz"), 8, 1)[:, 0],
+                               torch.from_numpy(values).float() * 2 - 1)
+
+
+@pytest.mark.parametrize("payload", [
+    [1, 2, 3],  # a list where a dict belongs
+    {b"data": [[0] * 3072]},  # a list where the array belongs
+    {b"data": np.zeros((2, 100), np.uint8)},  # not 32×32×3 images
+    {b"labels": [0]},  # no images at all
+])
+def test_a_cifar_batch_of_the_wrong_shape_is_one_line(tmp_path, payload):
+    import pickle
+
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump(payload, f)
+    with pytest.raises(UserError, match="not a CIFAR-10 python batch") as caught:
+        data.load(str(tmp_path), 32, 3)
+    assert "data_batch_1" in str(caught.value)
+
+
+def test_a_damaged_cifar_batch_is_one_line(tmp_path):
+    """Truncations and bit flips of a real batch: the unpickler's whole range of errors."""
+    import pickle
+    import random
+
+    good = pickle.dumps({b"data": np.random.default_rng(0).integers(0, 256, (2, 3072), dtype=np.uint8),
+                         b"labels": [1, 2]})
+    rng = random.Random(0)
+    for _ in range(300):
+        damaged = bytearray(good[:rng.randrange(len(good))] if rng.random() < 0.3 else good)
+        for _ in range(rng.randrange(4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        (tmp_path / "data_batch_1").write_bytes(bytes(damaged))
+        try:
+            ds = data.load(str(tmp_path), 32, 3)
+        except UserError as e:
+            assert "data_batch_1" in str(e)
+        else:
+            assert len(ds.train) + len(ds.heldout) == 2
