@@ -1,10 +1,19 @@
-"""The ε-model: the U-Net of Ho et al. 2020 (Appendix B), after the original TF code.
+"""The denoising network: the U-Net of Ho et al. 2020 (Appendix B), after the original TF code,
+and the variations of it that diffusers' `UNet2DModel` expresses.
 
 A Wide-ResNet/PixelCNN++ style U-Net: per level `num_res_blocks` residual blocks (self-attention
 after each at `attn_resolutions`), a stride-2 conv down; a middle of res → attn → res; the mirror
 path up with skip concatenation and one extra block per level; sinusoidal timestep embedding
 through a 2-layer MLP added inside every residual block. Every GroupNorm (→ SiLU) goes through
-`kernels.group_norm_silu`, which also folds in the time-embedding bias of a block's second norm.
+`kernels.group_norm_silu`, which also folds in the time-embedding bias of a block's second norm
+(or, with `time_scale_shift`, the per-channel scale and shift the embedding gives it).
+
+The defaults are the paper's network. The other settings are diffusers' (its names in brackets):
+`flip_sin_to_cos` and `freq_shift` of the embedding, `downsample_padding` (0: TF "SAME", pad
+right/bottom; 1: symmetric), `attention_head_dim` (None: one head), `time_scale_shift`
+[resnet_time_scale_shift="scale_shift"], `mid_attention` [add_attention], `mid_attn_groups`
+[attn_norm_num_groups], `mid_scale` [mid_block_scale_factor], `temb_channels`
+[time_embedding_dim], `center_input` [center_input_sample].
 """
 from __future__ import annotations
 
@@ -40,6 +49,18 @@ class UNetConfig:
     dropout: float = 0.1
     groups: int = 32  # GroupNorm groups
     eps: float = 1e-6  # GroupNorm epsilon (the original TF code's)
+    flip_sin_to_cos: bool = False  # embedding [cos, sin] instead of the original [sin, cos]
+    freq_shift: int = 1  # frequencies 10000^(−k/(half − freq_shift)), k = 0..half−1
+    downsample_padding: int = 0  # 0: pad right/bottom by 1 (TF "SAME"); 1: pad 1 on every side
+    attention_head_dim: int | None = None  # channels per head; None: one head over all channels
+    time_scale_shift: bool = False  # norm2 → ·(1 + scale) + shift from the embedding, not + bias
+    mid_attention: bool = True  # attention in the middle block
+    # the middle attention's GroupNorm groups; None: `groups` (with time_scale_shift: no norm at
+    # all, as diffusers builds it)
+    mid_attn_groups: int | None = None
+    mid_scale: float = 1.0  # the middle block's residual sums are divided by this
+    temb_channels: int | None = None  # time-embedding width; None: 4 × base_channels
+    center_input: bool = False  # the network sees 2·x − 1 (a model trained on [0, 1] inputs)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -79,15 +100,39 @@ class UNetConfig:
         if not 1 <= len(self.channel_mult) <= MAX_LEVELS:
             raise UserError(f"U-Net channel_mult must have 1..{MAX_LEVELS} levels, "
                             f"got {len(self.channel_mult)}")
-        for name, low, high in (("dropout", 0.0, 1.0), ("eps", 1e-12, 1.0)):
+        for name, low, high in (("dropout", 0.0, 1.0), ("eps", 1e-12, 1.0), ("mid_scale", 1e-6, 1e6)):
             value = getattr(self, name)
             if not is_number(value) or not low <= value < high:
                 raise UserError(f"U-Net {name} must be a number in [{low}, {high}), got {value!r}")
+        for name in ("flip_sin_to_cos", "time_scale_shift", "mid_attention", "center_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"U-Net {name} must be true or false, got {getattr(self, name)!r}")
+        half = self.base_channels // 2
+        if not is_integer(self.freq_shift) or not 0 <= self.freq_shift < half:
+            raise UserError(f"U-Net freq_shift must be an integer in 0..{half - 1} (below half the "
+                            f"embedding width {self.base_channels}), got {self.freq_shift!r}")
+        if self.downsample_padding not in (0, 1) or not is_integer(self.downsample_padding):
+            raise UserError(f"U-Net downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
+        for name, high in (("attention_head_dim", MAX_CHANNELS), ("mid_attn_groups", MAX_CHANNELS),
+                           ("temb_channels", 4 * MAX_CHANNELS)):
+            value = getattr(self, name)
+            if value is not None and (not is_integer(value) or not 1 <= value <= high):
+                raise UserError(f"U-Net {name} must be null or an integer in 1..{high}, got {value!r}")
         widths = [self.base_channels * m for m in self.channel_mult]
         if max(widths) > MAX_CHANNELS:
             raise UserError(f"U-Net level widths {widths} exceed {MAX_CHANNELS} channels")
         if any(w % self.groups for w in widths):
             raise UserError(f"every level width {widths} must be divisible by groups={self.groups}")
+        if self.mid_attn_groups is not None and widths[-1] % self.mid_attn_groups:
+            raise UserError(f"the middle width {widths[-1]} must be divisible by "
+                            f"mid_attn_groups={self.mid_attn_groups}")
+        if self.attention_head_dim is not None:
+            attended = {widths[-1]} if self.mid_attention else set()
+            attended |= {w for i, w in enumerate(widths)
+                         if self.image_size // 2**i in self.attn_resolutions}
+            if any(w % self.attention_head_dim for w in attended):
+                raise UserError(f"every attended width {sorted(attended)} must be divisible by "
+                                f"attention_head_dim={self.attention_head_dim}")
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise UserError(f"image_size {self.image_size} must be divisible by "
                             f"2^{len(self.channel_mult) - 1} for {len(self.channel_mult)} levels")
@@ -117,13 +162,18 @@ def named_config(name: str) -> UNetConfig:
     return CONFIGS[name]
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding (B,) → (B, dim): [sin(t·f_k), cos(t·f_k)], f_k = 10000^(−k/(dim/2−1))."""
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
+                       freq_shift: int = 1) -> torch.Tensor:
+    """Sinusoidal embedding (B,) → (B, dim): [sin(t·f_k), cos(t·f_k)] ([cos, sin] flipped),
+    f_k = 10000^(−k/(dim/2 − freq_shift)); an odd dim ends in a zero column."""
     half = dim // 2
     freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32)
-                      * (-math.log(10000.0) / (half - 1)))
+                      * (-math.log(10000.0) / (half - freq_shift)))
     args = t.to(torch.float32)[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    parts = [torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
+    if dim % 2:
+        parts.append(torch.zeros_like(args[:, :1]))
+    return torch.cat(parts, dim=1)
 
 
 class NormAct(nn.GroupNorm):
@@ -136,56 +186,74 @@ class NormAct(nn.GroupNorm):
         self.silu = silu
         self.kernels = "auto"
 
-    def forward(self, x: torch.Tensor, bias_nc: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias_nc: torch.Tensor | None = None,
+                scale_shift: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps,
-                                       bias_nc, self.silu, mode=self.kernels)
+                                       bias_nc, self.silu, mode=self.kernels, scale_shift=scale_shift)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb_channels: int, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, temb_channels: int, cfg: UNetConfig,
+                 output_scale: float = 1.0):
         super().__init__()
         self.norm1 = NormAct(cfg.groups, cin, cfg.eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_channels, cout)
+        self.scale_shift = cfg.time_scale_shift
+        self.temb_proj = nn.Linear(temb_channels, 2 * cout if self.scale_shift else cout)
         self.norm2 = NormAct(cfg.groups, cout, cfg.eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.output_scale = output_scale
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         """x: (B, cin, H, W); temb_act: SiLU of the time embedding, (B, temb_channels)."""
         h = self.conv1(self.norm1(x))
-        # the paper adds the projected embedding right before norm2: fold it into the norm
-        h = self.norm2(h, bias_nc=self.temb_proj(temb_act))
+        if self.scale_shift:  # norm2 → ·(1 + scale) + shift, [scale | shift] = the projection
+            h = self.norm2(h, scale_shift=self.temb_proj(temb_act))
+        else:  # the paper adds the projected embedding right before norm2: fold it into the norm
+            h = self.norm2(h, bias_nc=self.temb_proj(temb_act))
         h = self.conv2(self.dropout(h))
-        return self.skip(x) + h
+        out = self.skip(x) + h
+        return out if self.output_scale == 1.0 else out / self.output_scale
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H·W positions, residual."""
+    """Self-attention over the H·W positions (one head, or heads of `head_dim` channels), residual;
+    `groups=None`: no norm before it."""
 
-    def __init__(self, channels: int, cfg: UNetConfig):
+    def __init__(self, channels: int, cfg: UNetConfig, groups: int | None,
+                 output_scale: float = 1.0):
         super().__init__()
-        self.norm = NormAct(cfg.groups, channels, cfg.eps, silu=False)
+        self.norm = NormAct(groups, channels, cfg.eps, silu=False) if groups is not None else None
         self.qkv = nn.Linear(channels, 3 * channels)  # the paper's q, k, v NIN layers, fused
         self.proj = nn.Linear(channels, channels)
+        self.heads = channels // (cfg.attention_head_dim or channels)
+        self.output_scale = output_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = (x if self.norm is None else self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/√C
-        out = self.proj(out).transpose(1, 2).reshape(b, c, h, w)
-        return x + out
+        if self.heads == 1:
+            out = F.scaled_dot_product_attention(q, k, v)  # scale 1/√C
+        else:  # (B, heads, HW, C/heads), scale 1/√(C/heads)
+            q, k, v = (u.unflatten(-1, (self.heads, -1)).transpose(1, 2) for u in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        out = x + self.proj(out).transpose(1, 2).reshape(b, c, h, w)
+        return out if self.output_scale == 1.0 else out / self.output_scale
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, padding: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.pad_right = padding == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # TF "SAME" padding of the original code
+        if self.pad_right:  # TF "SAME" padding of the original code
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
 
 
 class Upsample(nn.Module):
@@ -212,7 +280,7 @@ class UNet(nn.Module):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        ch, temb_ch = cfg.base_channels, 4 * cfg.base_channels
+        ch, temb_ch = cfg.base_channels, cfg.temb_channels or 4 * cfg.base_channels
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.time_embed = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
 
@@ -224,17 +292,22 @@ class UNet(nn.Module):
                 blocks.append(ResBlock(cur, ch * mult, temb_ch, cfg))
                 cur = ch * mult
                 if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(cur, cfg))
+                    attns.append(AttnBlock(cur, cfg, cfg.groups))
                 skip_channels.append(cur)
             last = i == len(cfg.channel_mult) - 1
-            self.down.append(Level(blocks, attns, None if last else Downsample(cur)))
+            self.down.append(Level(blocks, attns,
+                                   None if last else Downsample(cur, cfg.downsample_padding)))
             if not last:
                 skip_channels.append(cur)
                 res //= 2
 
-        self.mid_res1 = ResBlock(cur, cur, temb_ch, cfg)
-        self.mid_attn = AttnBlock(cur, cfg)
-        self.mid_res2 = ResBlock(cur, cur, temb_ch, cfg)
+        self.mid_res1 = ResBlock(cur, cur, temb_ch, cfg, cfg.mid_scale)
+        mid_groups = cfg.mid_attn_groups
+        if mid_groups is None and not cfg.time_scale_shift:
+            mid_groups = cfg.groups
+        self.mid_attn = (AttnBlock(cur, cfg, mid_groups, cfg.mid_scale) if cfg.mid_attention
+                         else nn.Identity())
+        self.mid_res2 = ResBlock(cur, cur, temb_ch, cfg, cfg.mid_scale)
 
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -243,7 +316,7 @@ class UNet(nn.Module):
                 blocks.append(ResBlock(cur + skip_channels.pop(), ch * mult, temb_ch, cfg))
                 cur = ch * mult
                 if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(cur, cfg))
+                    attns.append(AttnBlock(cur, cfg, cfg.groups))
             self.up.append(Level(blocks, attns, Upsample(cur) if i > 0 else None))
             if i > 0:
                 res *= 2
@@ -252,9 +325,14 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(cur, cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, S, S) in [−1, 1]-ish; t: (B,) timesteps 0..T−1 → ε (B, out, S, S)."""
-        temb = self.time_embed(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        """x: (B, in_channels, S, S) in [−1, 1]-ish; t: (B,) timesteps 0..T−1 → the model's
+        prediction (B, out_channels, S, S): ε, x0 or v (see fastddpm.prediction)."""
+        cfg = self.config
+        temb = self.time_embed(timestep_embedding(t, cfg.base_channels, cfg.flip_sin_to_cos,
+                                                  cfg.freq_shift).to(x.dtype))
         temb_act = F.silu(temb)  # every block applies SiLU before its projection: do it once
+        if cfg.center_input:
+            x = 2 * x - 1.0
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:

@@ -51,13 +51,22 @@ def _refused(path, message):
      "up block type 'SkipUpBlock2D'"),
     ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]},
      "attention in up blocks that does not mirror"),
-    ({"out_channels": 6}, r"learned variance \(out_channels 6 = 2 × in_channels\)"),
+    ({"down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]},
+     "down block type 'ResnetDownsampleBlock2D'"),
+    ({"out_channels": 5}, "out_channels 5"),
+    ({"out_channels": 6}, r"learned variance \(out_channels 6 = 2 × in_channels 3\) is not supported"),
+    ({"num_train_timesteps": 500}, "num_train_timesteps=500, the scheduler 1000"),
     ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
-    ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift='scale_shift'"),
-    ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True"),
-    ({"freq_shift": 0}, "freq_shift=0"),
-    ({"downsample_padding": 1}, "downsample_padding=1"),
-    ({"attention_head_dim": 8}, "multi-head attention"),
+    ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift='spatial'"),
+    ({"downsample_type": "resnet"}, "downsample_type='resnet'"),
+    ({"mid_block_type": None}, "mid_block_type=None"),
+    ({"downsample_padding": 2}, "downsample_padding=2"),
+    ({"flip_sin_to_cos": "yes"}, "flip_sin_to_cos='yes'"),
+    ({"freq_shift": 9}, "freq_shift must be an integer in 0..7"),
+    ({"attention_head_dim": 12}, "divisible by attention_head_dim=12"),
+    ({"attn_norm_num_groups": 5}, "divisible by mid_attn_groups=5"),
+    ({"norm_num_groups": None}, "norm_num_groups=None"),
+    ({"mid_block_scale_factor": 0}, "mid_scale must be a number"),
     ({"num_class_embeds": 10}, "num_class_embeds=10"),
     ({"act_fn": "gelu"}, "act_fn='gelu'"),
     ({"sample_size": [32, 64]}, "non-square sample_size"),
@@ -68,9 +77,13 @@ def test_unsupported_unet_configs(good, tmp_path, change, message):
     _refused(_folder(tmp_path / "m", config), message)  # refused before weights are looked for
 
 
-def test_flip_sin_to_cos_defaults_as_diffusers_does(good, tmp_path):
-    config = {k: v for k, v in good[0].items() if k != "flip_sin_to_cos"}  # diffusers' default: True
-    _refused(_folder(tmp_path / "m", config), "flip_sin_to_cos=True")
+def test_missing_settings_take_diffusers_defaults():
+    from fastddpm.interop.diffusers_config import unet_config_from_diffusers
+
+    cfg = unet_config_from_diffusers({"_class_name": "UNet2DModel", "sample_size": 32}, "m")
+    assert (cfg.flip_sin_to_cos, cfg.freq_shift, cfg.downsample_padding) == (True, 0, 1)
+    assert (cfg.attention_head_dim, cfg.eps, cfg.base_channels) == (8, 1e-5, 224)
+    assert cfg.attn_resolutions == (16, 8, 4)  # DownBlock2D + AttnDownBlock2D × 3
 
 
 @pytest.mark.parametrize("scheduler,message", [

@@ -18,6 +18,8 @@ import torch
 from ..errors import UserError
 from ..files import atomic_folder, read_torch_file
 from ..model import DiffusionModel
+from ..schedule import ScheduleConfig
+from ..unet import UNetConfig
 from .diffusers_config import (
     DIFFUSERS_VERSION,
     schedule_from_diffusers,
@@ -101,6 +103,17 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     raise UserError(f"{folder}: no weights ({WEIGHTS}.safetensors or {WEIGHTS}.bin)")
 
 
+def _check_agreement(unet: UNetConfig, unet_timesteps: int | None, schedule: ScheduleConfig,
+                     folder: Path) -> None:
+    """A U-Net and a scheduler that cannot run together: one line naming what disagrees."""
+    if unet_timesteps is not None and unet_timesteps != schedule.num_timesteps:
+        raise UserError(f"{folder}: the unet says num_train_timesteps={unet_timesteps}, the "
+                        f"scheduler {schedule.num_timesteps}; fix one of the two configs")
+    if unet.out_channels != unet.in_channels:
+        raise UserError(f"{folder}: a learned variance (out_channels {unet.out_channels} = 2 × "
+                        f"in_channels {unet.in_channels}) is not supported by fastddpm yet")
+
+
 def load_folder(folder: str | Path) -> DiffusionModel:
     """A model from a diffusers UNet2DModel, pipeline or flat google/ddpm-* folder.
     Everything is validated before any weight is read."""
@@ -109,9 +122,11 @@ def load_folder(folder: str | Path) -> DiffusionModel:
     config_path = unet_dir / UNET_CONFIG
     if not config_path.is_file():
         raise UserError(f"{unet_dir}: no {UNET_CONFIG}")
-    unet_config = unet_config_from_diffusers(_read_json(config_path), str(config_path))
+    unet_json = _read_json(config_path)
+    unet_config = unet_config_from_diffusers(unet_json, str(config_path))
     schedule, sampling = schedule_from_diffusers(
         _read_json(sched_path) if sched_path else None, str(sched_path))
+    _check_agreement(unet_config, unet_json.get("num_train_timesteps"), schedule, folder)
     state, weights_path = _read_weights(unet_dir)
     state = {_LEGACY_ATTENTION.sub(lambda m: m[1] + _LEGACY_NAMES[m[2]] + ".", k): v
              for k, v in state.items()}

@@ -1,8 +1,9 @@
 """diffusers' config.json / scheduler_config.json ↔ our UNetConfig / ScheduleConfig / defaults.
 
-Only what our U-Net computes is accepted: a diffusers setting that would change the network's
-arithmetic (multi-head attention, symmetric downsample padding, flipped sin/cos, scale-shift
-norms, ...) is refused up front in one line naming the setting, never silently dropped.
+Every setting of `UNet2DModel` is read: those our U-Net computes become UNetConfig fields; any
+other value (a Fourier time embedding, class conditioning, resnet down/upsampling blocks, ...)
+is refused up front in one line naming the setting, never silently dropped. Values that mean
+our defaults are stored as the defaults, so the paper's networks read back as CONFIGS' entries.
 """
 from __future__ import annotations
 
@@ -21,24 +22,20 @@ UP_BLOCKS = {"UpBlock2D": False, "AttnUpBlock2D": True}
 # UNet2DModel settings our network fixes: name → (the value it must have, diffusers' default).
 FIXED_SETTINGS = {
     "time_embedding_type": ("positional", "positional"),
-    "flip_sin_to_cos": (False, True),  # the original embedding is [sin, cos]
-    "freq_shift": (1, 0),  # frequencies 10000^(−k/(half−1)), as the original code
-    "center_input_sample": (False, False),
-    "downsample_padding": (0, 1),  # TF "SAME": pad right/bottom only, then a stride-2 conv
     "downsample_type": ("conv", "conv"),
     "upsample_type": ("conv", "conv"),
     "mid_block_type": ("UNetMidBlock2D", "UNetMidBlock2D"),
-    "mid_block_scale_factor": (1, 1),
-    "resnet_time_scale_shift": ("default", "default"),
-    "add_attention": (True, True),
     "class_embed_type": (None, None),
     "num_class_embeds": (None, None),
 }
-# Settings we read into our config, or that cannot change the network when valid.
+TIME_SCALE_SHIFT = {"default": False, "scale_shift": True}  # resnet_time_scale_shift → ours
+# Settings read into our config, or that cannot change the network when valid.
 READ_SETTINGS = {"sample_size", "in_channels", "out_channels", "block_out_channels",
                  "layers_per_block", "down_block_types", "up_block_types", "dropout", "act_fn",
                  "attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "norm_eps",
-                 "time_embedding_dim", "num_train_timesteps"}
+                 "time_embedding_dim", "num_train_timesteps", "flip_sin_to_cos", "freq_shift",
+                 "downsample_padding", "resnet_time_scale_shift", "add_attention",
+                 "mid_block_scale_factor", "center_input_sample"}
 
 # schedulers whose config describes the forward process the way DDPM does
 SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
@@ -46,12 +43,20 @@ BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_
 
 
 def _unsupported(where: str, what: str) -> UserError:
-    return UserError(f"{where}: {what} is not supported by fastddpm (it runs the DDPM U-Net of "
-                     "Ho et al. 2020 with ε-prediction)")
+    return UserError(f"{where}: {what} is not supported by fastddpm (it runs diffusers' "
+                     "UNet2DModel with DownBlock2D/AttnDownBlock2D/UpBlock2D/AttnUpBlock2D blocks)")
+
+
+def _choice(cfg: dict, key: str, default, allowed: tuple, where: str):
+    value = cfg.get(key, default)
+    if value not in allowed or type(value) is not type(allowed[0]):
+        raise _unsupported(where, f"{key}={value!r} (fastddpm takes {' or '.join(map(repr, allowed))})")
+    return value
 
 
 def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
-    """Our UNetConfig from a diffusers UNet2DModel config.json dict."""
+    """Our UNetConfig from a diffusers UNet2DModel config.json dict (diffusers' defaults for
+    missing keys)."""
     cls = cfg.get("_class_name")
     if cls != "UNet2DModel":
         raise _unsupported(where, f"model class {cls!r}" if cls else "a config without _class_name")
@@ -66,15 +71,15 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         raise _unsupported(where, f"act_fn={cfg['act_fn']!r}")
 
     widths = list(cfg.get("block_out_channels", (224, 448, 672, 896)))
-    down = list(cfg.get("down_block_types", ()))
-    up = list(cfg.get("up_block_types", ()))
+    down = list(cfg.get("down_block_types", ("DownBlock2D",) + ("AttnDownBlock2D",) * 3))
+    up = list(cfg.get("up_block_types", ("AttnUpBlock2D",) * 3 + ("UpBlock2D",)))
     for kind in down:
         if kind not in DOWN_BLOCKS:
             raise _unsupported(where, f"down block type {kind!r} (only {', '.join(DOWN_BLOCKS)})")
     for kind in up:
         if kind not in UP_BLOCKS:
             raise _unsupported(where, f"up block type {kind!r} (only {', '.join(UP_BLOCKS)})")
-    if not len(widths) == len(down) == len(up):
+    if not len(widths) == len(down) == len(up) or not widths:
         raise UserError(f"{where}: block_out_channels, down_block_types and up_block_types "
                         "must have one entry per level")
     attn_levels = [i for i, kind in enumerate(down) if DOWN_BLOCKS[kind]]
@@ -82,25 +87,20 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         raise _unsupported(where, "attention in up blocks that does not mirror the down blocks")
 
     base = widths[0]
-    if any(w % base for w in widths):
+    if any(not isinstance(w, int) or w <= 0 or w % base for w in widths):
         raise _unsupported(where, f"block_out_channels {widths} that are not multiples of the first")
     in_ch, out_ch = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
-    if out_ch == 2 * in_ch:
-        raise _unsupported(where, f"a learned variance (out_channels {out_ch} = 2 × in_channels)")
-    if out_ch != in_ch:
-        raise _unsupported(where, f"out_channels {out_ch} ≠ in_channels {in_ch}")
-    if cfg.get("time_embedding_dim") not in (None, 4 * base):
-        raise _unsupported(where, f"time_embedding_dim={cfg['time_embedding_dim']} "
-                                  f"(fastddpm uses 4 × {base})")
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise _unsupported(where, f"out_channels {out_ch} (fastddpm needs in_channels {in_ch}, or "
+                                  f"2 × {in_ch} with a learned variance)")
     groups = cfg.get("norm_num_groups", 32)
-    if cfg.get("attn_norm_num_groups") not in (None, groups):
-        raise _unsupported(where, f"attn_norm_num_groups={cfg['attn_norm_num_groups']} "
-                                  f"≠ norm_num_groups={groups}")
-    head_dim = cfg.get("attention_head_dim", 8)
-    attn_widths = {widths[i] for i in attn_levels} | {widths[-1]}  # + the middle block's
-    if head_dim is not None and attn_widths != {head_dim}:
-        raise _unsupported(where, f"multi-head attention (attention_head_dim={head_dim} at widths "
-                                  f"{sorted(attn_widths)}; fastddpm has one head)")
+    if groups is None:
+        raise _unsupported(where, "norm_num_groups=None")
+    scale_shift = TIME_SCALE_SHIFT.get(cfg.get("resnet_time_scale_shift", "default"))
+    if scale_shift is None:
+        raise _unsupported(where, f"resnet_time_scale_shift={cfg['resnet_time_scale_shift']!r} "
+                                  f"(only {' or '.join(TIME_SCALE_SHIFT)})")
+    mid_attention = _choice(cfg, "add_attention", True, (True, False), where)
     size = cfg.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
@@ -108,19 +108,40 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         size = size[0]
     if not isinstance(size, int):
         raise UserError(f"{where}: config.json needs an integer sample_size (the image size)")
-    return UNetConfig(
+
+    # values that say what our defaults say are stored as the defaults (see the module docstring)
+    attended = {widths[i] for i in attn_levels} | ({widths[-1]} if mid_attention else set())
+    head_dim = cfg.get("attention_head_dim", 8)
+    if head_dim is not None and attended <= {head_dim}:
+        head_dim = None  # one head everywhere
+    temb = cfg.get("time_embedding_dim")
+    mid_groups = cfg.get("attn_norm_num_groups")
+    if mid_groups == groups and not scale_shift:
+        mid_groups = None
+    out = UNetConfig(
         image_size=size, in_channels=in_ch, out_channels=out_ch, base_channels=base,
         channel_mult=tuple(w // base for w in widths),
         num_res_blocks=cfg.get("layers_per_block", 2),
         attn_resolutions=tuple(size // 2**i for i in attn_levels),
-        dropout=float(cfg.get("dropout", 0.0)), groups=groups, eps=float(cfg.get("norm_eps", 1e-5)))
+        dropout=float(cfg.get("dropout", 0.0)), groups=groups, eps=float(cfg.get("norm_eps", 1e-5)),
+        flip_sin_to_cos=_choice(cfg, "flip_sin_to_cos", True, (True, False), where),
+        freq_shift=cfg.get("freq_shift", 0),
+        downsample_padding=_choice(cfg, "downsample_padding", 1, (0, 1), where),
+        attention_head_dim=head_dim, time_scale_shift=scale_shift, mid_attention=mid_attention,
+        mid_attn_groups=mid_groups, mid_scale=float(cfg.get("mid_block_scale_factor", 1.0)),
+        temb_channels=None if temb == 4 * base else temb,
+        center_input=_choice(cfg, "center_input_sample", False, (False, True), where))
+    try:
+        out.validate()
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return out
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     """A UNet2DModel config.json dict that builds our network."""
     widths = [cfg.base_channels * m for m in cfg.channel_mult]
     has_attn = [cfg.image_size // 2**i in cfg.attn_resolutions for i in range(len(widths))]
-    attn_widths = {w for w, a in zip(widths, has_attn, strict=True) if a} | {widths[-1]}
     out = {
         "_class_name": "UNet2DModel",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -133,13 +154,19 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
         "dropout": cfg.dropout,
         "act_fn": "silu",
-        # one head: head dim = width. A single number only when every attention has one width.
-        "attention_head_dim": attn_widths.pop() if len(attn_widths) == 1 else None,
+        "attention_head_dim": cfg.attention_head_dim,  # None: each block's width, one head
         "norm_num_groups": cfg.groups,
-        "attn_norm_num_groups": None,
+        "attn_norm_num_groups": cfg.mid_attn_groups,
         "norm_eps": cfg.eps,
-        "time_embedding_dim": None,
+        "time_embedding_dim": cfg.temb_channels,
         "num_train_timesteps": None,
+        "flip_sin_to_cos": cfg.flip_sin_to_cos,
+        "freq_shift": cfg.freq_shift,
+        "downsample_padding": cfg.downsample_padding,
+        "resnet_time_scale_shift": "scale_shift" if cfg.time_scale_shift else "default",
+        "add_attention": cfg.mid_attention,
+        "mid_block_scale_factor": cfg.mid_scale,
+        "center_input_sample": cfg.center_input,
     }
     out.update({key: required for key, (required, _) in FIXED_SETTINGS.items()})
     return out

@@ -1,0 +1,97 @@
+"""diffusers' UNet2DModel family, setting by setting: the same output as UNet2DModel to 1e-5 on
+random weights, the same parameter count, and the same network written back out.
+
+Each config below is tiny (16², widths ≤ 64) and switches on settings the paper's network does
+not have; together they cover every setting fastddpm reads (see FAMILY's comments)."""
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+import fastddpm
+from fastddpm.interop import save_folder
+from fastddpm.unet import CONFIGS, UNet
+
+BASE = {
+    "sample_size": 16, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
+    "block_out_channels": (16, 32, 32), "norm_num_groups": 8,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+}
+FAMILY = {
+    # diffusers' own defaults: flipped [cos, sin], freq_shift 0, symmetric downsample padding,
+    # 8-channel heads (4 heads at 32 channels), norm_eps 1e-5
+    "defaults": {},
+    # the training example's shape: attention in the last two levels, two blocks per level
+    "two-attention-levels": {"layers_per_block": 2, "attention_head_dim": 16,
+                             "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                             "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")},
+    # scale-shift norms; the middle attention then has no norm (attn_norm_num_groups unset)
+    "scale-shift": {"resnet_time_scale_shift": "scale_shift", "mid_block_scale_factor": 1.4142},
+    # scale-shift with a normed middle attention, centred input, a wider time embedding
+    "scale-shift-mid-norm": {"resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 4,
+                             "center_input_sample": True, "time_embedding_dim": 96},
+    # the paper's embedding and padding with multi-head attention, no middle attention
+    "paper-embedding-no-mid-attention": {"flip_sin_to_cos": False, "freq_shift": 1,
+                                         "downsample_padding": 0, "attention_head_dim": 16,
+                                         "add_attention": False, "norm_eps": 1e-6},
+    # an odd embedding width (a zero column), 5-channel heads, other middle-attention groups
+    "odd-width": {"block_out_channels": (15, 30, 30), "norm_num_groups": 5,
+                  "attention_head_dim": 5, "attn_norm_num_groups": 3, "freq_shift": 2},
+}
+
+
+def perturbed_unet(config: dict, seed: int) -> UNet2DModel:
+    """A UNet2DModel with every parameter moved off its initial value (norms start at (1, 0),
+    zero-initialised layers at 0: either would hide a swapped or missing weight)."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**config)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * (0.2 if p.ndim == 1 else 0.5 * p.std().nan_to_num(0.1)))
+    return unet.eval()
+
+
+@pytest.fixture(scope="module", params=list(FAMILY))
+def member(request, tmp_path_factory):
+    config = {**BASE, **FAMILY[request.param]}
+    unet = perturbed_unet(config, seed=len(request.param))
+    folder = tmp_path_factory.mktemp(request.param)
+    unet.save_pretrained(folder)
+    return unet, folder
+
+
+def _inputs(batch=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g), torch.tensor([3, 871][:batch])
+
+
+def test_output_matches_unet2dmodel(member):
+    unet, folder = member
+    model = fastddpm.load(folder)
+    assert sum(p.numel() for p in model.unet.parameters()) == sum(p.numel() for p in unet.parameters())
+    x, t = _inputs()
+    with torch.no_grad():
+        ours, theirs = model.unet(x, t), unet(x, t).sample
+    assert theirs.abs().max() > 0.1
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_written_back_diffusers_builds_the_same_network(member, tmp_path):
+    unet, folder = member
+    model = fastddpm.load(folder)
+    save_folder(model, tmp_path / "out")
+    back = fastddpm.load(tmp_path / "out")
+    assert back.config == model.config
+    for (key, a), b in zip(model.unet.state_dict().items(), back.unet.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    theirs, info = UNet2DModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info
+    x, t = _inputs(seed=1)
+    with torch.no_grad():
+        assert (theirs.eval()(x, t).sample - unet(x, t).sample).abs().max().item() == 0.0
+
+
+def test_the_papers_configs_keep_their_parameter_counts():
+    counts = {name: sum(p.numel() for p in UNet(cfg).parameters()) for name, cfg in CONFIGS.items()
+              if name != "digits"}
+    assert counts == {"cifar10": 35_746_307, "ddpm-256": 113_673_219}
