@@ -24,22 +24,28 @@ from .options import MAX_BATCH, SamplingOptions
 
 class _Buffers:
     """The state one step reads and writes, at fixed addresses (what a CUDA graph needs).
-    x0 holds the step's x̂0 only when someone reads it: a sampler with history (it is then
-    x̂0_prev as well, updated in place) or an `on_step` callback."""
+    history: the x̂0 ring of a multistep sampler (its `table.history` slots; the x̂0 of step i in
+    slot i mod K), None for one-step samplers. x0: the step's x̂0 for an `on_step` callback when
+    there is no ring to read it from; otherwise None — nobody reads it, so it is not written."""
 
     def __init__(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
-                 store_x0: bool):
+                 history: int, store_x0: bool):
         self.x = torch.empty(shape, device=device, dtype=dtype)
-        self.x0 = torch.zeros(shape, device=device, dtype=dtype) if store_x0 else None
+        self.history = kernels.new_history(self.x, history) if history else None
+        self.x0 = torch.empty(shape, device=device, dtype=dtype) if store_x0 and not history else None
         self.step = torch.zeros(1, device=device, dtype=torch.int64)
         self.rng = torch.zeros(2, device=device, dtype=torch.int64)  # (seed, first sample index)
 
     def reset(self, x_start: torch.Tensor, seed: int, first: int) -> None:
         self.x.copy_(x_start)
-        if self.x0 is not None:
-            self.x0.zero_()  # x̂0_prev of the first step (its d is 0; no NaN from old memory)
+        if self.history is not None:
+            self.history.zero_()  # the first steps' d's are 0; no NaN from the previous run
         self.step.zero_()
         self.rng.copy_(torch.tensor([seed, first], dtype=torch.int64))
+
+    def x0_of(self, step: int) -> torch.Tensor:
+        """The x̂0 step `step` (just run) wrote."""
+        return self.x0 if self.history is None else self.history[step % self.history.shape[0]]
 
 
 class Sampler:
@@ -67,15 +73,14 @@ class Sampler:
     def _step(self, buf: _Buffers) -> None:
         t = self.timesteps.index_select(0, buf.step).expand(buf.x.shape[0])
         eps = self.denoise(buf.x, t)
-        # in place: x_prev over x, x̂0 over x̂0_prev (each element is read before it is written)
-        history = buf.x0 if self.table.uses_x0_prev else None
-        kernels.reverse_step(buf.x, eps, self.coef, buf.step, buf.rng, history, self.table.clip,
+        # in place: x_prev over x, x̂0 into the ring (each element is read before it is written)
+        kernels.reverse_step(buf.x, eps, self.coef, buf.step, buf.rng, buf.history, self.table.clip,
                              out=buf.x, x0_out=buf.x0, return_x0=False)
         buf.step.add_(1)
 
     def _buffers(self, batch: int, store_x0: bool) -> _Buffers:
-        return _Buffers((batch, *self.image_shape), self.device, self.dtype,
-                        store_x0 or self.table.uses_x0_prev)
+        return _Buffers((batch, *self.image_shape), self.device, self.dtype, self.table.history,
+                        store_x0)
 
     def _graph_for(self, batch: int, store_x0: bool, x_T: torch.Tensor, seed: int, first: int):
         key = (batch, store_x0)
@@ -107,7 +112,7 @@ class Sampler:
         """Samples `first .. first+batch−1` of the stream `seed`.
 
         on_step(i, x̂0) sees every step's predicted x_0 (progressive generation); without it
-        x̂0 is not even stored, unless the sampler keeps it as history. on_progress(i) is told
+        x̂0 is not even stored, unless the sampler keeps it as history (its ring). on_progress(i) is told
         of each step done. x_start (batch, C, H, W) replaces x_T: a point on the chain at the
         table's first timestep (`Sampler(start=t)`)."""
         if x_start is None:
@@ -128,7 +133,7 @@ class Sampler:
         for i in range(self.table.num_steps):
             run_step()
             if on_step is not None:
-                on_step(i, buf.x0)
+                on_step(i, buf.x0_of(i))
             if on_progress is not None:
                 on_progress(i)
         return buf.x.clone()

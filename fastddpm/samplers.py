@@ -4,34 +4,38 @@ For step i (sampling order, i = 0 is the noisiest) at model timestep t_i, steppi
 (−1 after the last step, where ᾱ = 1):
 
     x̂0     = c_x · x_t − c_e · ε            (clipped to [−1, 1] when the table says so)
-    x_prev = a · x̂0 + b · x_t + c · ε + d · x̂0_prev + σ · z,   z ~ N(0, I)
+    x_prev = a · x̂0 + b · x_t + c · ε + d1 · x̂0_{i−1} + d2 · x̂0_{i−2} + d3 · x̂0_{i−3} + σ · z
 
+with z ~ N(0, I) and x̂0_{i−k} the x̂0 of k steps before (zero before the first step).
 `kernels.reverse_step` evaluates exactly this, reading row i of `coef` (columns COEF_FIELDS).
-The built-in samplers step from x̂0 and x_t alone (c = 0): DDPM's posterior mean, DDIM with the
-ε that x̂0 implies, DPM-Solver++'s data prediction; c·ε is there for updates that take the
-model's raw ε beside x̂0.
+The built-in samplers step from x̂0's and x_t alone (c = 0): DDPM's posterior mean, DDIM with the
+ε that x̂0 implies, the multistep solvers' data prediction (fastddpm/solvers.py: DPM-Solver++(2M)
+and (3M), UniPC); c·ε is the model's raw ε, for updates that take it beside x̂0.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from .errors import UserError
 from .schedule import Schedule
+from .solvers import HISTORY, UNIPC_VARIANTS, dpmpp_multistep, unipc
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr", "tuned")
 VARIANCES = ("fixed_large", "fixed_small")
-COEF_FIELDS = ("c_x", "c_e", "a", "b", "c", "d", "sigma")
+# d1..dk weigh the x̂0 of the k previous steps (as many as solvers.HISTORY); σ stays last
+COEF_FIELDS = ("c_x", "c_e", "a", "b", "c", *(f"d{k}" for k in range(1, HISTORY + 1)), "sigma")
 
 
 @dataclass(frozen=True, eq=False)
 class SamplerTable:
     name: str
     timesteps: torch.Tensor  # int64 (S,): the model's t at each step, descending
-    coef: torch.Tensor  # float64 (S, 7): columns COEF_FIELDS
+    coef: torch.Tensor  # float64 (S, len(COEF_FIELDS)): columns COEF_FIELDS
     clip: bool  # clip x̂0 to [−1, 1]
 
     @property
@@ -39,8 +43,10 @@ class SamplerTable:
         return len(self.timesteps)
 
     @property
-    def uses_x0_prev(self) -> bool:
-        return bool((self.coef[:, COEF_FIELDS.index("d")] != 0).any())
+    def history(self) -> int:
+        """How many earlier x̂0's a step reads: the last d_k column with a nonzero entry."""
+        used = (self.coef[:, 5:5 + HISTORY] != 0).any(dim=0).nonzero()
+        return int(used.max()) + 1 if len(used) else 0
 
 
 def timestep_sequence(schedule: Schedule, steps: int | None, spacing: str | Sequence[int] = "leading",
@@ -188,32 +194,48 @@ def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
                   sigma=sigma)
 
 
-def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
-                   clip: bool, start: int | None = None) -> SamplerTable:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), first order at the first and last step.
-
-    With α_t = √ᾱ_t, σ_t = √(1−ᾱ_t), λ = log(α/σ), h = λ_next − λ_t, r = h_prev / h:
-    x_next = (σ_next/σ_t) x_t − α_next (e^{−h} − 1) [(1 + 1/2r) x̂0 − (1/2r) x̂0_prev]."""
+def _multistep_table(name: str, schedule: Schedule, steps: int | None, spacing: str,
+                     start: int | None, clip: bool, solve: Callable[..., np.ndarray]) -> SamplerTable:
+    """A solver of fastddpm/solvers.py over the visited grid: its forms (b, a, d1 … dk) per step."""
     ts = timestep_sequence(schedule, steps, spacing, start)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
-    n = len(ts)
-    a = torch.zeros(n, dtype=torch.float64)
-    b = torch.zeros(n, dtype=torch.float64)
-    d = torch.zeros(n, dtype=torch.float64)
-    lam = 0.5 * (torch.log(ac_t) - torch.log1p(-ac_t))
-    for i in range(n - 1):
-        alpha_next, sigma_next = ac_prev[i].sqrt(), (1.0 - ac_prev[i]).sqrt()
-        h = lam[i + 1] - lam[i]
-        phi = -alpha_next * torch.expm1(-h)  # −α_next (e^{−h} − 1)
-        b[i] = sigma_next / (1.0 - ac_t[i]).sqrt()
-        if i == 0:
-            a[i] = phi
-        else:
-            r = (lam[i] - lam[i - 1]) / h
-            a[i] = phi * (1.0 + 0.5 / r)
-            d[i] = -phi * 0.5 / r
-    a[-1] = 1.0  # to ᾱ = 1: σ_next = 0, so x_0 = x̂0 (first order, as diffusers' final step)
-    return _table("dpm++", ts, clip, ac_t, a=a, b=b, d=d)
+    forms = torch.from_numpy(solve(ac_t.numpy(), ac_prev.numpy()))
+    history = {f"d{k}": forms[:, 1 + k] for k in range(1, HISTORY + 1)}
+    return _table(name, ts, clip, ac_t, b=forms[:, 0], a=forms[:, 1], **history)
+
+
+def dpmpp_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
+                clip: bool, order: int = 2, start: int | None = None) -> SamplerTable:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) or (3M), as diffusers' multistep scheduler
+    with lower_order_final: first order at the first and the last step (x_0 = x̂0), second at
+    the second (3M) and, under 15 steps, at the one before the last (solvers.dpmpp_multistep)."""
+    name = "dpm++" if order == 2 else f"dpm++{order}m"
+    return _multistep_table(name, schedule, steps, spacing, start, clip,
+                            lambda ac_t, ac_next: dpmpp_multistep(ac_t, ac_next, order))
+
+
+def dpmpp_2m_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
+                   clip: bool, start: int | None = None) -> SamplerTable:
+    return dpmpp_table(schedule, steps, spacing, clip=clip, order=2, start=start)
+
+
+def dpmpp_3m_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
+                   clip: bool, start: int | None = None) -> SamplerTable:
+    return dpmpp_table(schedule, steps, spacing, clip=clip, order=3, start=start)
+
+
+def unipc_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
+                clip: bool, order: int = 2, variant: str = "bh2", start: int | None = None
+                ) -> SamplerTable:
+    """UniPC (Zhao et al. 2023) with B(h) `variant` (bh1 | bh2), UniP-p predictor and UniC-p
+    corrector on the model output the next step computes anyway (NFE = steps), as diffusers'
+    UniPCMultistepScheduler(predict_x0=True, lower_order_final=True): order min(p, steps left,
+    points seen) at each step (solvers.unipc)."""
+    if variant not in UNIPC_VARIANTS:
+        raise UserError(f"unknown UniPC variant {variant!r}; choose one of {', '.join(UNIPC_VARIANTS)}")
+    name = "unipc" + ("" if order == 2 else str(order)) + ("" if variant == "bh2" else f"-{variant}")
+    return _multistep_table(name, schedule, steps, spacing, start, clip,
+                            lambda ac_t, ac_next: unipc(ac_t, ac_next, order, variant))
 
 
 @dataclass(frozen=True)
@@ -226,6 +248,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(ddpm_table, ("variance",)),  # the variance is the model's, not a choice
     "ddim": SamplerSpec(ddim_table, ("eta",)),
     "dpm++": SamplerSpec(dpmpp_2m_table, ()),  # DPM-Solver++(2M)
+    "dpm++3m": SamplerSpec(dpmpp_3m_table, ()),  # DPM-Solver++(3M)
+    "unipc": SamplerSpec(partial(unipc_table, order=2, variant="bh2"), ()),  # diffusers' default
+    "unipc-bh1": SamplerSpec(partial(unipc_table, order=2, variant="bh1"), ()),
+    "unipc3": SamplerSpec(partial(unipc_table, order=3, variant="bh2"), ()),
+    "unipc3-bh1": SamplerSpec(partial(unipc_table, order=3, variant="bh1"), ()),
 }
 
 

@@ -1,7 +1,13 @@
 """The reverse-step update shared by every sampler (see fastddpm/samplers.py for the tables).
 
     x̂0     = c_x · x_t − c_e · ε                  (clipped to [−1, 1] if `clip`)
-    x_prev = a · x̂0 + b · x_t + c · ε + d · x̂0_prev + σ · z
+    x_prev = a · x̂0 + b · x_t + c · ε + Σ_k d_k · x̂0_{i−k} + σ · z
+
+A table row is (c_x, c_e, a, b, c, d_1 … d_H, σ). The x̂0 of earlier steps live in a ring
+(K, *x.shape): the x̂0 of step s in slot s mod K. Step i reads x̂0_{i−k} from slot (i − k) mod K
+for k = 1..K and writes its own x̂0 into slot i mod K (the slot of x̂0_{i−K}, read just before),
+so the history costs one write per step, and the slots' roles follow from `step` alone — on the
+device, with no host work. A row's d_k = 0 skips that slot's read.
 
 All arithmetic in float32 (float64 in the reference when given float64), I/O in the input dtype.
 z is drawn from (seed, global sample index, step, element) by `noise.gaussian`; the kernel draws
@@ -11,9 +17,12 @@ for channels_last or a sample size not divisible by 4 (`noise.gaussian_triton`).
 table and the seed are read from device tensors: a CUDA graph captured once replays every step
 and every seed with no host work. σ = 0 in the table's last row gives z = 0 there.
 
-Bytes moved per element: read x, ε (and x̂0_prev), write x_prev (and x̂0) — the kernel's floor.
+Bytes moved per element: read x, ε (and the K x̂0 slots a row weighs), write x_prev (and x̂0) —
+the kernel's floor.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -24,28 +33,53 @@ BLOCK = 1024  # elements per program: 4 warps × 32 lanes × 8 (two 16-byte fp32
 
 
 def reverse_step_reference(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
-                           z: torch.Tensor | None = None, x0_prev: torch.Tensor | None = None,
+                           z: torch.Tensor | None = None,
+                           history: Sequence[torch.Tensor | None] | None = None,
                            clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch. x, eps, z, x0_prev: (B, ...); coef: (7,) one table row. Returns (x_prev, x̂0)."""
+    """Plain torch. x, eps, z: (B, ...); coef: one table row (c_x, c_e, a, b, c, d1 … dk, σ);
+    history: x̂0 of the previous steps, newest first (history[k−1] = x̂0_{i−k}, weighed by d_k;
+    None or missing = not read, its d_k must be 0). Returns (x_prev, x̂0)."""
+    if isinstance(history, torch.Tensor):  # a (B, ...) x̂0_prev would be iterated over its batch
+        raise TypeError("history is a sequence of x̂0 tensors, newest first (ring_history reads a ring)")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c_x, c_e, a, b, c, d, sigma = coef.to(x.device, dtype).unbind()
+    row = coef.to(x.device, dtype)
+    c_x, c_e, a, b, c = row[:5].unbind()
+    d, sigma = row[5:-1], row[-1]
     xf, ef = x.to(dtype), eps.to(dtype)
     x0 = c_x * xf - c_e * ef
     if clip:
         x0 = x0.clamp(-1.0, 1.0)
     out = a * x0 + b * xf + c * ef
-    if x0_prev is not None:
-        out = out + d * x0_prev.to(dtype)
+    for d_k, x0_k in zip(d, history or (), strict=False):
+        if x0_k is not None:
+            out = out + d_k * x0_k.to(dtype)
     if z is not None:
         out = out + sigma * z.to(dtype)
     return out.to(x.dtype), x0.to(x.dtype)
 
 
-def _reference_step(x, eps, coef, step, rng, x0_prev, clip):
-    """The reference with the table row and the noise taken from device tensors (no sync)."""
+def ring_history(ring: torch.Tensor, step: torch.Tensor) -> list[torch.Tensor]:
+    """The x̂0 ring (K, B, ...) — x̂0 of step s in slot s mod K — as history for step `step`
+    (int64 (1,), on the device: no sync), newest first: slot (step − k) mod K for k = 1..K."""
+    k = ring.shape[0]
+    ages = torch.arange(1, k + 1, device=ring.device)
+    return list(ring.index_select(0, torch.remainder(step - ages, k)).unbind())
+
+
+def new_history(x: torch.Tensor, slots: int) -> torch.Tensor:
+    """A zeroed x̂0 ring (slots, *x.shape) whose every slot has x's dtype and memory layout."""
+    fmt = dense_layout(x)
+    flat = torch.zeros((slots * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    return flat.contiguous(memory_format=fmt).view(slots, *x.shape)
+
+
+def _reference_step(x, eps, coef, step, rng, history, clip):
+    """The reference with the table row, the ring's slots and the noise taken from device
+    tensors (no sync)."""
     z = step_noise(rng, step, x.shape[0], tuple(x.shape[1:]))
     row = coef.index_select(0, step.view(1)).view(-1)
-    return reverse_step_reference(x, eps, row, z, x0_prev, clip)
+    past = ring_history(history, step) if history is not None else None
+    return reverse_step_reference(x, eps, row, z, past, clip)
 
 
 if HAS_TRITON:
@@ -60,10 +94,10 @@ if HAS_TRITON:
     def _reverse_step_kernel(
         x_ptr,  # (B, C, H, W) x_t, fp32/fp16/bf16, dense in NCHW or NHWC memory order
         eps_ptr,  # like x: ε
-        x0_prev_ptr,  # like x: x̂0 of the previous step (read only if HAS_X0_PREV)
+        ring_ptr,  # (HISTORY, *x.shape), each slot like x: x̂0 of step s in slot s mod HISTORY
         out_ptr,  # like x: x_prev (may be x itself: each element is read before it is written)
-        x0_out_ptr,  # like x: x̂0 (written only if STORE_X0; may be x0_prev itself)
-        coef_ptr,  # (S, 7) float32 contiguous: c_x, c_e, a, b, c, d, σ per step
+        x0_out_ptr,  # like x: x̂0 (written only if STORE_X0)
+        coef_ptr,  # (S, ROW) float32 contiguous: c_x, c_e, a, b, c, d_1 … d_{ROW−6}, σ per step
         step_ptr,  # (1,) int64: the row of coef
         rng_ptr,  # (2,) int64: seed, global index of the batch's first sample
         numel,  # B·C·H·W
@@ -71,7 +105,8 @@ if HAS_TRITON:
         pixels,  # H·W (the product of the non-batch, non-channel sizes)
         stream,  # Philox counter word 3: noise.STEP_STREAM
         CLIP: tl.constexpr,
-        HAS_X0_PREV: tl.constexpr,
+        HISTORY: tl.constexpr,  # slots of the ring (0: no ring), at most ROW − 6
+        ROW: tl.constexpr,  # the table's width
         STORE_X0: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,
         QUADS: tl.constexpr,  # NCHW with C·H·W % 4 == 0: the noise drawn four elements at a time
@@ -80,10 +115,10 @@ if HAS_TRITON:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         step = tl.load(step_ptr)
-        row = coef_ptr + step * 7
+        row = coef_ptr + step * ROW
         c_x, c_e = tl.load(row), tl.load(row + 1)
         a, b, c = tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
-        d, sigma = tl.load(row + 5), tl.load(row + 6)
+        sigma = tl.load(row + ROW - 1)
 
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
         e = tl.load(eps_ptr + offs, mask=mask).to(tl.float32)
@@ -91,8 +126,11 @@ if HAS_TRITON:
         if CLIP:
             x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
         out = a * x0 + b * x + c * e
-        if HAS_X0_PREV:
-            out += d * tl.load(x0_prev_ptr + offs, mask=mask).to(tl.float32)
+        for k in tl.static_range(1, HISTORY + 1):
+            d_k = tl.load(row + 4 + k)
+            if d_k != 0.0:  # warm-up rows and first-order steps read fewer slots
+                slot = (step + HISTORY - k) % HISTORY
+                out += d_k * tl.load(ring_ptr + slot * numel + offs, mask=mask).to(tl.float32)
         if sigma != 0.0:  # DDIM(η=0), DPM-Solver++ and every last step skip Philox altogether
             per_sample = channels * pixels
             seed = tl.load(rng_ptr)
@@ -117,65 +155,87 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
         if STORE_X0:
             tl.store(x0_out_ptr + offs, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
+        if HISTORY > 0:  # after every slot was read: this slot held x̂0_{i−HISTORY}
+            tl.store(ring_ptr + (step % HISTORY) * numel + offs, x0.to(ring_ptr.dtype.element_ty),
+                     mask=mask)
 
     def reverse_step_launch(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
-                            step: torch.Tensor, rng: torch.Tensor, x0_prev: torch.Tensor | None,
+                            step: torch.Tensor, rng: torch.Tensor, history: torch.Tensor | None,
                             out: torch.Tensor, x0_out: torch.Tensor | None, clip: bool) -> Launch:
-        """The kernel's launch: x, eps, x0_prev, out, x0_out dense with x's shape and strides;
-        coef (S, 7) float32 contiguous. Tests run it directly under TRITON_INTERPRET=1."""
+        """The kernel's launch: x, eps, out, x0_out and each slot of the ring `history` (K, *x.shape)
+        dense with x's shape and strides; coef (S, 6 + H) float32 contiguous with H ≥ K. Tests
+        run it directly under TRITON_INTERPRET=1."""
         channels_last = dense_layout(x) == torch.channels_last
         channels, pixels = (x.shape[1], x.shape[2] * x.shape[3]) if x.ndim == 4 else (1, x[0].numel())
         numel = x.numel()
+        slots = 0 if history is None else history.shape[0]
+        assert slots <= coef.shape[1] - 6, "a ring slot without its d column"
         return Launch(
             _reverse_step_kernel, (triton.cdiv(numel, BLOCK),),
-            (x, eps, x0_prev if x0_prev is not None else x, out, x0_out if x0_out is not None else out,
+            (x, eps, history if history is not None else x, out, x0_out if x0_out is not None else out,
              coef, step, rng, numel, channels, pixels, STEP_STREAM),
-            dict(CLIP=clip, HAS_X0_PREV=x0_prev is not None, STORE_X0=x0_out is not None,
+            dict(CLIP=clip, HISTORY=slots, ROW=coef.shape[1], STORE_X0=x0_out is not None,
                  CHANNELS_LAST=channels_last, QUADS=not channels_last and channels * pixels % 4 == 0,
                  BLOCK=BLOCK), num_warps=4)
 
-    @triton_op("fastddpm::reverse_step", mutates_args={"out", "x0_out"})
+    @triton_op("fastddpm::reverse_step", mutates_args={"history", "out", "x0_out"})
     def _reverse_step_op(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
-                         rng: torch.Tensor, x0_prev: torch.Tensor | None, out: torch.Tensor,
+                         rng: torch.Tensor, history: torch.Tensor | None, out: torch.Tensor,
                          x0_out: torch.Tensor | None, clip: bool) -> None:
-        """Writes x_prev into `out` and x̂0 into `x0_out` (if given). Operands are prepared by
-        `reverse_step`: dense, one layout, coef float32 contiguous."""
+        """Writes x_prev into `out`, x̂0 into `x0_out` (if given) and into the ring `history`.
+        Operands are prepared by `reverse_step`: dense, one layout, coef float32 contiguous."""
         if kernel_applies(x):
-            reverse_step_launch(x, eps, coef, step, rng, x0_prev, out, x0_out, clip).run()
+            reverse_step_launch(x, eps, coef, step, rng, history, out, x0_out, clip).run()
         else:  # reached under torch.compile tracing of CPU or float64 tensors
-            _write_reference(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+            _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip)
 
     @_reverse_step_op.register_kernel("cpu")
-    def _reverse_step_cpu(x, eps, coef, step, rng, x0_prev, out, x0_out, clip):
-        _write_reference(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+    def _reverse_step_cpu(x, eps, coef, step, rng, history, out, x0_out, clip):
+        _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip)
 
 
-def _write_reference(x, eps, coef, step, rng, x0_prev, out, x0_out, clip) -> None:
-    x_prev, x0 = _reference_step(x, eps, coef, step, rng, x0_prev, clip)
+def _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip) -> None:
+    x_prev, x0 = _reference_step(x, eps, coef, step, rng, history, clip)
     out.copy_(x_prev)
     if x0_out is not None:
         x0_out.copy_(x0)
+    if history is not None:
+        _store_in_ring(history, step, x0)
+
+
+def _store_in_ring(history: torch.Tensor, step: torch.Tensor, x0: torch.Tensor) -> None:
+    """x̂0 of step `step` into slot step mod K, by a device-side index (no sync)."""
+    history.index_copy_(0, torch.remainder(step.view(1), history.shape[0]), x0.unsqueeze(0))
 
 
 def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
-                 rng: torch.Tensor, x0_prev: torch.Tensor | None = None, clip: bool = False, *,
+                 rng: torch.Tensor, history: torch.Tensor | None = None, clip: bool = False, *,
                  out: torch.Tensor | None = None, x0_out: torch.Tensor | None = None,
                  return_x0: bool = True, mode: str = "auto"
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One reverse step with row `step` of the table and noise drawn from `rng`.
 
-    x, eps, x0_prev: (B, ...) in one dtype; coef: (S, 7) float32 table; step: int64 (1,) index
-    into it, in [0, S) (not checked: that would sync the host); rng: int64 (2,) = (seed, global
-    index of the batch's first sample). Both live on the device so a CUDA graph replays them.
+    x, eps: (B, ...) in one dtype; coef: (S, 6 + H) float32 table; step: int64 (1,) index into
+    it, in [0, S) (not checked: that would sync the host); rng: int64 (2,) = (seed, global index
+    of the batch's first sample). Both live on the device so a CUDA graph replays them.
+    history: the x̂0 ring (K ≤ H, *x.shape) in x's dtype, each slot in x's layout (`new_history`),
+    read and then updated in place (see the module docstring); None for tables without d's.
     `out` / `x0_out` (x's shape, dtype and layout) receive x_prev / x̂0 in place — `out` may be
-    x and `x0_out` may be x0_prev. With return_x0=False and no x0_out, x̂0 is neither written
-    nor returned (None). mode: see kernels.dispatch. Returns (x_prev, x̂0)."""
+    x. With return_x0=False and no x0_out, x̂0 is not returned (None). mode: see
+    kernels.dispatch. Returns (x_prev, x̂0)."""
     for buffer in (out, x0_out):  # the contract of every path, not only the op's
         if buffer is not None and (buffer.dtype != x.dtype or buffer.shape != x.shape):
             raise ValueError(f"out buffers must match x in dtype and shape: x is {x.dtype} "
                              f"{tuple(x.shape)}, a buffer {buffer.dtype} {tuple(buffer.shape)}")
-    if not use_fused(mode, x, eps, x0_prev):
-        x_prev, x0 = _reference_step(x, eps, coef, step, rng, x0_prev, clip)
+    if history is not None and (history.dtype != x.dtype or history.shape[1:] != x.shape
+                                or not 0 < history.shape[0] <= coef.shape[1] - 6):
+        raise ValueError(f"history must be a ring (K, *x.shape) in x's dtype with K ≤ the table's "
+                         f"{coef.shape[1] - 6} d columns: x is {x.dtype} {tuple(x.shape)}, history "
+                         f"{history.dtype} {tuple(history.shape)}")
+    if not use_fused(mode, x, eps, history):
+        x_prev, x0 = _reference_step(x, eps, coef, step, rng, history, clip)
+        if history is not None:
+            _store_in_ring(history, step, x0)
         if out is not None:
             x_prev = out.copy_(x_prev)
         if x0_out is not None:
@@ -184,15 +244,17 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
     fmt = dense_layout(x)
     x = x.contiguous(memory_format=fmt)  # no copies when the caller's tensors already agree
     eps = eps.to(x.dtype).contiguous(memory_format=fmt)
-    x0_prev = None if x0_prev is None else x0_prev.to(x.dtype).contiguous(memory_format=fmt)
     coef = coef.to(torch.float32).contiguous()
     if out is None:
         out = torch.empty_like(x)
     if x0_out is None and return_x0:
         x0_out = torch.empty_like(x)
-    for buffer in (out, x0_out):  # the kernel walks every operand in x's memory order
+    slots = [] if history is None else list(history)
+    for buffer in (out, x0_out, *slots):  # the kernel walks every operand in x's memory order
         if buffer is not None and buffer.stride() != x.stride():
             raise ValueError(f"out buffers must match x in dtype and layout: x has strides "
                              f"{x.stride()}, a buffer {buffer.stride()}")
-    torch.ops.fastddpm.reverse_step(x, eps, coef, step, rng, x0_prev, out, x0_out, clip)
+    if history is not None and history.stride(0) != x.numel():
+        raise ValueError("history's slots must lie back to back (kernels.reverse_step.new_history)")
+    torch.ops.fastddpm.reverse_step(x, eps, coef, step, rng, history, out, x0_out, clip)
     return out, x0_out

@@ -11,10 +11,24 @@ There is no public way to give diffusers a float64 table, so this writes the one
 β_t and α_t are re-derived from ᾱ ratios, and the ᾱ = 1 past the last step is exact in float32.
 Should a diffusers release read another attribute, the float32 rounding shows at once as
 failures of the 1e-6 comparisons, never as a silent pass."""
+import torch
+
 from fastddpm.schedule import Schedule
 
 
 def with_float64_tables(scheduler, schedule: Schedule):
     assert scheduler.alphas_cumprod.shape == schedule.alphas_cumprod.shape, "another T"
     scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()
+    return scheduler
+
+
+def with_float64_sigmas(scheduler, schedule: Schedule, timesteps: list[int]):
+    """A multistep scheduler (DPMSolverMultistep, UniPCMultistep) set to visit `timesteps` with
+    our float64 σ = √((1 − ᾱ)/ᾱ) there and 0 after the last (final_sigmas_type="zero"): the two
+    attributes its step() reads the grid from. set_timesteps rounds σ to float32 (UniPC also
+    spaces 'leading' differently from DDPM/DDIM), so both are written after it."""
+    scheduler.set_timesteps(len(timesteps))
+    ac = schedule.alphas_cumprod[timesteps]
+    scheduler.timesteps = torch.tensor(timesteps, dtype=torch.int64)
+    scheduler.sigmas = torch.cat([((1.0 - ac) / ac).sqrt(), torch.zeros(1, dtype=torch.float64)])
     return scheduler

@@ -13,7 +13,7 @@ from kernel_checks import DEVICES, assert_close, dtypes_for, needs_cuda, needs_t
 
 from fastddpm import kernels
 from fastddpm.kernels import dispatch, noise
-from fastddpm.samplers import ddim_table, ddpm_table, dpmpp_2m_table
+from fastddpm.samplers import COEF_FIELDS, SAMPLERS, ddpm_table, make_table
 from fastddpm.schedule import Schedule, ScheduleConfig
 
 SCHEDULE = Schedule(ScheduleConfig("linear", 1000))
@@ -30,16 +30,37 @@ SHAPES = [
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 
-def _inputs(shape, dtype, device, layout, seed=0):
+ROW = len(COEF_FIELDS)
+SLOTS = ROW - 6  # the widest ring a table row weighs
+
+
+def _inputs(shape, dtype, device, layout, seed=0, slots=SLOTS):
+    """x, ε, an x̂0 ring of `slots` (random: every slot's role is checked) and a table of 5 rows."""
     g = torch.Generator().manual_seed(seed)
 
-    def rand():
-        t = torch.randn(shape, generator=g).to(device, dtype)
-        return t.contiguous(memory_format=layout) if len(shape) == 4 else t
+    def rand(*lead):
+        t = torch.randn((*lead, *shape), generator=g).to(device, dtype)
+        if len(shape) != 4:
+            return t
+        if not lead:
+            return t.contiguous(memory_format=layout)
+        # each slot in x's layout, back to back, as new_history makes them
+        return rs.new_history(t[0].contiguous(memory_format=layout), lead[0]).copy_(t)
 
-    coef = torch.rand(5, 7, generator=g) * 2 - 0.5  # never zero, both signs, σ ≠ 0
+    coef = torch.rand(5, ROW, generator=g) * 2 - 0.5  # never zero, both signs, σ ≠ 0
     coef[:, 0] += 1.0  # c_x ≥ 0.5: x̂0 leaves [−1, 1] often, so clipping is exercised
-    return rand(), rand(), rand(), coef.to(device)
+    return rand(), rand(), rand(slots), coef.to(device)
+
+
+def _want(x, eps, coef, step, ring, z, clip):
+    """The reference's (x_prev, x̂0) and the ring after the step (x̂0 in slot step mod K)."""
+    past = rs.ring_history(ring, torch.tensor([step], device=ring.device)) if ring is not None else None
+    want, want_x0 = rs.reverse_step_reference(x, eps, coef[step], z, past, clip)
+    ring_after = None
+    if ring is not None:
+        ring_after = ring.clone()
+        ring_after[step % ring.shape[0]] = want_x0
+    return want, want_x0, ring_after
 
 
 def _device_tensors(device, step, seed, first):
@@ -47,17 +68,19 @@ def _device_tensors(device, step, seed, first):
             torch.tensor([seed, first], dtype=torch.int64, device=device))
 
 
-def _launch(x, eps, coef, step, rng, x0_prev=None, clip=False, store_x0=True):
+def _launch(x, eps, coef, step, rng, ring=None, clip=False, store_x0=True):
+    """Runs the kernel on a copy of the ring; returns (x_prev, x̂0, the ring after)."""
     out = poisoned(x)
     x0_out = poisoned(x) if store_x0 else None
-    rs.reverse_step_launch(x, eps, coef, step, rng, x0_prev, out, x0_out, clip).run()
-    return out, x0_out
+    ring = None if ring is None else rs.new_history(x, ring.shape[0]).copy_(ring)
+    rs.reverse_step_launch(x, eps, coef, step, rng, ring, out, x0_out, clip).run()
+    return out, x0_out, ring
 
 
 def _noise_only(shape, device, sigma=1.0):
     """A table whose every row is x_prev = σ·z: the kernel then outputs its own noise."""
-    coef = torch.zeros(8, 7, device=device)  # steps 0..7
-    coef[:, 6] = sigma
+    coef = torch.zeros(8, ROW, device=device)  # steps 0..7
+    coef[:, -1] = sigma
     zeros = torch.zeros(shape, device=device)
     return zeros, coef
 
@@ -65,7 +88,7 @@ def _noise_only(shape, device, sigma=1.0):
 def _kernel_noise(shape, device, step, seed, first):
     x, coef = _noise_only(shape, device)
     step_t, rng = _device_tensors(device, step, seed, first)
-    out, _ = _launch(x, x, coef, step_t, rng, store_x0=False)
+    out, _, _ = _launch(x, x, coef, step_t, rng, store_x0=False)
     return out
 
 
@@ -83,23 +106,24 @@ def test_kernel_matches_reference(device, shape, layout, clip):
     if layout == torch.channels_last and (len(shape) != 4 or shape[1] == 1 or shape[2] * shape[3] == 1):
         pytest.skip("channels_last is the same memory as NCHW for this shape")
     for dtype in dtypes_for(device):
-        x, eps, x0_prev, coef = _inputs(shape, dtype, device, layout)
+        x, eps, ring, coef = _inputs(shape, dtype, device, layout)
         step, rng = _device_tensors(device, 3, 1234, 17)
-        out, x0 = _launch(x, eps, coef, step, rng, x0_prev, clip)
+        out, x0, ring_after = _launch(x, eps, coef, step, rng, ring, clip)
         z = noise.gaussian(1234, torch.arange(17, 17 + shape[0]), 3, shape[1:]).to(device)
-        want, want_x0 = rs.reverse_step_reference(x, eps, coef[3], z, x0_prev, clip)
+        want, want_x0, want_ring = _want(x, eps, coef, 3, ring, z, clip)
         assert out.stride() == x.stride()
         assert_close(out, want, dtype)
         assert_close(x0, want_x0, dtype)
+        assert_close(ring_after, want_ring, dtype)
 
 
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
-def test_without_x0_prev_and_without_x0_output(device):
+def test_without_history_and_without_x0_output(device):
     x, eps, _, coef = _inputs((2, 3, 7, 5), torch.float32, device, torch.contiguous_format, seed=1)
     step, rng = _device_tensors(device, 0, 5, 0)
-    coef[:, 5] = 0.0  # d: no x̂0_prev term, as in DDPM and DDIM
-    out, x0 = _launch(x, eps, coef, step, rng, None, False, store_x0=False)
+    coef[:, 5:-1] = 0.0  # no d's: no earlier x̂0, as in DDPM and DDIM
+    out, x0, _ = _launch(x, eps, coef, step, rng, None, False, store_x0=False)
     z = noise.gaussian(5, torch.arange(2), 0, (3, 7, 5)).to(device)
     assert x0 is None
     assert_close(out, rs.reverse_step_reference(x, eps, coef[0], z)[0])
@@ -107,35 +131,42 @@ def test_without_x0_prev_and_without_x0_output(device):
 
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
-def test_in_place_outputs(device):
-    """The runtime writes x_prev over x and x̂0 over x̂0_prev."""
-    x, eps, x0_prev, coef = _inputs((2, 3, 9, 9), torch.float32, device, torch.contiguous_format, 2)
-    step, rng = _device_tensors(device, 1, 8, 4)
-    z = noise.gaussian(8, torch.arange(4, 6), 1, (3, 9, 9)).to(device)
-    want, want_x0 = rs.reverse_step_reference(x, eps, coef[1], z, x0_prev, True)
-    rs.reverse_step_launch(x, eps, coef, step, rng, x0_prev, x, x0_prev, True).run()
+@pytest.mark.parametrize("slots", [1, 2, SLOTS])
+def test_in_place_outputs(device, slots):
+    """The runtime writes x_prev over x and x̂0 into the ring slot of x̂0_{i−K}, read first;
+    step 4 of a ring of 1, 2, 3 slots puts each slot in another role."""
+    x, eps, ring, coef = _inputs((2, 3, 9, 9), torch.float32, device, torch.contiguous_format, 2, slots)
+    step, rng = _device_tensors(device, 4, 8, 4)
+    z = noise.gaussian(8, torch.arange(4, 6), 4, (3, 9, 9)).to(device)
+    want, _, want_ring = _want(x, eps, coef, 4, ring, z, True)
+    rs.reverse_step_launch(x, eps, coef, step, rng, ring, x, None, True).run()
     assert_close(x, want)
-    assert_close(x0_prev, want_x0)
+    assert_close(ring, want_ring)
 
 
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("table", ["ddpm", "ddim", "dpm++"])
-def test_every_sampler_table_every_step(device, table):
-    """Real tables (float64 → float32 on the device): each row against the reference."""
-    make = {"ddpm": lambda s: ddpm_table(s, 6, variance="fixed_large", clip=True),
-            "ddim": lambda s: ddim_table(s, 6, eta=0.5, clip=True),
-            "dpm++": lambda s: dpmpp_2m_table(s, 6, clip=True)}[table]
-    tab = make(SCHEDULE)
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_table_every_step(device, sampler):
+    """Real tables (float64 → float32 on the device), a ring of the table's history carried from
+    step to step as the runtime does: each step against the reference."""
+    options = {"variance": "fixed_large"} if sampler == "ddpm" else {"eta": 0.5} if sampler == "ddim" else {}
+    tab = make_table(SCHEDULE, sampler, 6, "trailing", clip=True, **options)
     coef = tab.coef.to(device, torch.float32)
-    x, eps, x0_prev, _ = _inputs((2, 3, 4, 4), torch.float32, device, torch.contiguous_format, 3)
+    x, eps, _, _ = _inputs((2, 3, 4, 4), torch.float32, device, torch.contiguous_format, 3)
+    ring = rs.new_history(x, tab.history) if tab.history else None
+    want_ring = None if ring is None else ring.clone()
     for i in range(tab.num_steps):
         step, rng = _device_tensors(device, i, 77, 0)
-        out, x0 = _launch(x, eps, coef, step, rng, x0_prev, tab.clip)
+        out, x0, ring = _launch(x, eps, coef, step, rng, ring, tab.clip)
         z = noise.gaussian(77, torch.arange(2), i, (3, 4, 4)).to(device)
-        want, want_x0 = rs.reverse_step_reference(x, eps, coef[i], z, x0_prev, tab.clip)
-        assert_close(out, want, atol=1e-5 * max(1.0, coef[i].abs().max().item()))
-        assert_close(x0, want_x0, atol=1e-5 * max(1.0, coef[i].abs().max().item()))
+        want, want_x0, want_ring = _want(x, eps, coef, i, want_ring, z, tab.clip)
+        tol = 1e-5 * max(1.0, coef[i].abs().max().item())
+        assert_close(out, want, atol=tol)
+        assert_close(x0, want_x0, atol=tol)
+        if ring is not None:
+            assert_close(ring, want_ring, atol=tol)
+        x = out
 
 
 # ---- the noise ------------------------------------------------------------------------------
@@ -160,7 +191,7 @@ def test_noise_follows_logical_order_in_channels_last(device):
     x, coef = _noise_only(shape, device)
     x = x.contiguous(memory_format=torch.channels_last)
     step, rng = _device_tensors(device, 2, 9, 0)
-    out, _ = _launch(x, x, coef, step, rng, store_x0=False)
+    out, _, _ = _launch(x, x, coef, step, rng, store_x0=False)
     assert_close(out, _kernel_noise(shape, device, 2, 9, 0), atol=0.0, rtol=0.0)
 
 
@@ -204,11 +235,11 @@ def test_no_noise_where_sigma_is_zero(device):
     """A DDPM table's last row has σ = 0: x_prev is the posterior mean exactly."""
     tab = ddpm_table(SCHEDULE, 5, variance="fixed_large", clip=True)
     coef = tab.coef.to(device, torch.float32)
-    assert coef[-1, 6] == 0 and (coef[:-1, 6] > 0).all()
+    assert coef[-1, -1] == 0 and (coef[:-1, -1] > 0).all()
     x, eps, _, _ = _inputs((2, 3, 5, 5), torch.float32, device, torch.contiguous_format, 4)
     step, rng = _device_tensors(device, tab.num_steps - 1, 3, 0)
-    out, _ = _launch(x, eps, coef, step, rng, None, tab.clip)
-    assert_close(out, rs.reverse_step_reference(x, eps, coef[-1], None, None, tab.clip)[0])
+    out, _, _ = _launch(x, eps, coef, step, rng, None, tab.clip)
+    assert_close(out, rs.reverse_step_reference(x, eps, coef[-1], None, (), tab.clip)[0])
 
 
 @needs_triton
@@ -235,23 +266,29 @@ def test_public_reverse_step(via_op):
     if via_op and not dispatch.HAS_TRITON:
         pytest.skip("the op exists only with triton")
     mode = "op" if via_op else "auto"
-    x, eps, x0_prev, coef = _inputs((2, 3, 4, 4), torch.float32, "cpu", torch.contiguous_format, 5)
+    x, eps, ring, coef = _inputs((2, 3, 4, 4), torch.float32, "cpu", torch.contiguous_format, 5)
     step, rng = _device_tensors("cpu", 2, 6, 1)
     z = noise.gaussian(6, torch.arange(1, 3), 2, (3, 4, 4))
-    want, want_x0 = rs.reverse_step_reference(x, eps, coef[2], z, x0_prev, True)
-    got, got_x0 = kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, mode=mode)
+    want, want_x0, want_ring = _want(x, eps, coef, 2, ring, z, True)
+    scratch = ring.clone()
+    got, got_x0 = kernels.reverse_step(x, eps, coef, step, rng, scratch, True, mode=mode)
     assert_close(got, want)
     assert_close(got_x0, want_x0)
-    got, none = kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, return_x0=False,
+    assert_close(scratch, want_ring)
+    got, none = kernels.reverse_step(x, eps, coef, step, rng, ring.clone(), True, return_x0=False,
                                      mode=mode)
     assert none is None
     assert_close(got, want)
+    with pytest.raises(ValueError, match="history must be a ring"):  # a bare x̂0_prev (B, ...)
+        kernels.reverse_step(x, eps, coef, step, rng, ring[0], True, mode=mode)
     if via_op:  # the op's contract: buffers in x's dtype and layout (was an assert)
         with pytest.raises(ValueError, match="out buffers must match x"):
-            kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, out=x.double(), mode=mode)
-    kernels.reverse_step(x, eps, coef, step, rng, x0_prev, True, out=x, x0_out=x0_prev, mode=mode)
+            kernels.reverse_step(x, eps, coef, step, rng, ring, True, out=x.double(), mode=mode)
+    x0_out = torch.empty_like(x)
+    kernels.reverse_step(x, eps, coef, step, rng, ring, True, out=x, x0_out=x0_out, mode=mode)
     assert_close(x, want)
-    assert_close(x0_prev, want_x0)
+    assert_close(x0_out, want_x0)
+    assert_close(ring, want_ring)
 
 
 @needs_triton

@@ -18,19 +18,21 @@ def model():
     return tiny_model(TWO_CHANNELS, ScheduleConfig("linear", 100))
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddpm", None), ("ddim", 0.5), ("dpm++", None)])
+@pytest.mark.parametrize("sampler,eta", [("ddpm", None), ("ddim", 0.5), ("dpm++", None), ("dpm++3m", None),
+                                         ("unipc3", None)])
 def test_loop_equals_hand_written_loop(model, sampler, eta):
     steps, seed, num = 12, 1234, 3
     table = model.table(sampler=sampler, steps=steps, eta=eta)
     shape = (2, 8, 8)
     index = torch.arange(num)
     x = kernels.gaussian(seed, index, 0, shape, INIT_STREAM)
-    x0_prev = torch.zeros_like(x)
+    history = []  # x̂0 of the earlier steps, newest first
     with torch.no_grad():
         for i, t in enumerate(table.timesteps.tolist()):
             eps = model.unet(x, torch.full((num,), t))
             z = kernels.gaussian(seed, index, i, shape, STEP_STREAM)
-            x, x0_prev = kernels.reverse_step_reference(x, eps, table.coef[i].float(), z, x0_prev, table.clip)
+            x, x0 = kernels.reverse_step_reference(x, eps, table.coef[i].float(), z, history, table.clip)
+            history = [x0, *history][:table.history]
     got = sample(model, num=num, steps=steps, sampler=sampler, eta=eta, seed=seed, device="cpu")
     assert got.shape == (num, 2, 8, 8) and got.dtype == torch.float32
     torch.testing.assert_close(got, x.clamp(-1, 1), rtol=1e-5, atol=1e-5)
@@ -65,25 +67,30 @@ def test_on_step_sees_every_predicted_x0(model):
     assert not torch.allclose(seen[0][1], seen[-1][1])
 
 
-@pytest.mark.parametrize("sampler,history", [("ddpm", False), ("ddim", False), ("dpm++", True)])
+@pytest.mark.parametrize("sampler,history", [("ddpm", 0), ("ddim", 0), ("dpm++", 1), ("dpm++3m", 2),
+                                             ("unipc3", 3)])
 def test_x0_is_stored_only_where_it_is_read(model, sampler, history, monkeypatch):
-    """Without on_step the step writes no x̂0 unless the sampler reads it back (DPM-Solver++'s
-    x̂0_prev); with on_step it always does. The images are the same either way."""
+    """A multistep sampler keeps its x̂0's in a ring of `table.history` slots, and on_step reads
+    each step's x̂0 from there; otherwise x̂0 is written only for on_step. The images are the same
+    either way, and on_step sees the reference's x̂0 of every step."""
     seen = []
     real = kernels.reverse_step
 
-    def recording(x, eps, coef, step, rng, x0_prev=None, clip=False, **kw):
-        seen.append((x0_prev is not None, kw["x0_out"] is not None))
-        return real(x, eps, coef, step, rng, x0_prev, clip, **kw)
+    def recording(x, eps, coef, step, rng, ring=None, clip=False, **kw):
+        seen.append((0 if ring is None else ring.shape[0], kw["x0_out"] is not None))
+        return real(x, eps, coef, step, rng, ring, clip, **kw)
 
     monkeypatch.setattr(kernels, "reverse_step", recording)
     runner = Sampler(model, sampler=sampler, steps=5, device="cpu")
     plain = runner.run(seed=2, first=0, batch=2)
-    assert seen == [(history, history)] * 5
+    assert seen == [(history, False)] * 5
     seen.clear()
-    watched = runner.run(seed=2, first=0, batch=2, on_step=lambda i, x0: None)
-    assert seen == [(history, True)] * 5
+    x0s = []
+    watched = runner.run(seed=2, first=0, batch=2, on_step=lambda i, x0: x0s.append(x0.clone()))
+    assert seen == [(history, not history)] * 5
     torch.testing.assert_close(watched, plain, rtol=0, atol=0)
+    torch.testing.assert_close(x0s[-1], watched)  # the last step returns its x̂0
+    assert len({x0.sum().item() for x0 in x0s}) == 5  # each step's own x̂0, not a stale slot
 
 
 @pytest.mark.parametrize("kwargs,message", [

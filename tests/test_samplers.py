@@ -8,11 +8,20 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
-from diffusers_tables import with_float64_tables
+from diffusers_tables import with_float64_sigmas, with_float64_tables
 
 from fastddpm.errors import UserError
 from fastddpm.kernels import reverse_step_reference
-from fastddpm.samplers import ddim_table, ddpm_table, dpmpp_2m_table, make_table, timestep_sequence
+from fastddpm.samplers import (
+    SAMPLERS,
+    ddim_table,
+    ddpm_table,
+    dpmpp_2m_table,
+    dpmpp_table,
+    make_table,
+    timestep_sequence,
+    unipc_table,
+)
 from fastddpm.schedule import Schedule, ScheduleConfig
 
 T = 1000
@@ -30,10 +39,12 @@ def _noises(n: int, seed: int) -> list[torch.Tensor]:
     return [torch.randn(SHAPE, generator=gen, dtype=torch.float64) for _ in range(n)]
 
 
-def _run_ours(table, x: torch.Tensor, zs: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, x0_prev = [], torch.zeros_like(x)
+def _run_ours(table, x: torch.Tensor, zs: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Our reference update row by row, with x̂0's history newest first."""
+    out, history = [], []
     for i, t in enumerate(table.timesteps.tolist()):
-        x, x0_prev = reverse_step_reference(x, _eps(x, t), table.coef[i], zs[i], x0_prev, table.clip)
+        x, x0 = reverse_step_reference(x, _eps(x, t), table.coef[i], zs[i], history, table.clip)
+        history = [x0, *history][:table.history]
         out.append(x)
     return out
 
@@ -115,35 +126,85 @@ def test_ddim_linspace_steps_to_the_next_visited_timestep():
         torch.testing.assert_close(ours[i], x, rtol=1e-10, atol=1e-12)
 
 
-def test_dpmpp_2m_matches_diffusers():
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("order,spacing,steps", [(2, "leading", 12), (2, "trailing", 5), (3, "trailing", 5),
+                                                 (3, "leading", 12), (3, "linspace", 20), (3, "trailing", 2)])
+def test_dpmpp_multistep_matches_diffusers(order, spacing, steps, clip):
+    """DPM-Solver++(2M)/(3M) with lower-order final steps (under 15 steps the second-last step is
+    second order at most; 20 steps: third order up to the last step), and 2 steps for (3M):
+    first order throughout. diffusers is handed our float64 σ grid; its step() still casts the
+    sample to float32 (its x̂0's stay float64), the rounding the 1e-6 below allows for."""
     from diffusers import DPMSolverMultistepScheduler
 
-    steps = 12
-    table = dpmpp_2m_table(SCHEDULE, steps, "leading", clip=False)
-    # public API only: our β (diffusers rounds them to float32), our timesteps. Its step()
-    # computes in float32 whatever its tables hold (it casts the sample), so float64 tables
-    # would not help here: measured 2.3e-7 relative at worst, against the 1e-6 held below
-    sched = DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=SCHEDULE.betas.tolist(),
-                                        solver_order=2, algorithm_type="dpmsolver++",
-                                        lower_order_final=True, final_sigmas_type="zero")
-    sched.set_timesteps(timesteps=table.timesteps.tolist())
-    assert sched.timesteps.tolist() == table.timesteps.tolist()
+    table = dpmpp_table(SCHEDULE, steps, spacing, order=order, clip=clip)
+    assert table.history == min(order - 1, max(steps - 2, 0))
+    sched = with_float64_sigmas(DPMSolverMultistepScheduler(num_train_timesteps=T, solver_order=order,
+                                                            algorithm_type="dpmsolver++",
+                                                            lower_order_final=True, final_sigmas_type="zero"),
+                                SCHEDULE, table.timesteps.tolist())
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     ours = _run_ours(table, x.clone(), [None] * steps)
     theirs, xd = [], x.clone()
     for t in table.timesteps.tolist():
-        xd = sched.step(_eps(xd, t), t, xd).prev_sample
+        xd = sched.step(_clipped_x0_as_eps(xd, t, clip), t, xd).prev_sample
         theirs.append(xd)
     _assert_trajectories_close(ours, theirs)
+
+
+def _clipped_x0_as_eps(x: torch.Tensor, t: int, clip: bool) -> torch.Tensor:
+    """The stand-in ε, or — with clip — the ε whose x̂0 is the clipped one: diffusers' multistep
+    schedulers clip only through dynamic thresholding, so they are handed the clipped x̂0 this way."""
+    eps = _eps(x, t)
+    if not clip:
+        return eps
+    ac = SCHEDULE.alphas_cumprod[t]
+    x0 = ((x - (1 - ac).sqrt() * eps) / ac.sqrt()).clamp(-1.0, 1.0)
+    return (x - ac.sqrt() * x0) / (1 - ac).sqrt()
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("order,spacing,steps", [(2, "trailing", 5), (2, "leading", 12), (3, "trailing", 6),
+                                                 (3, "linspace", 20), (3, "leading", 2), (2, "trailing", 1)])
+def test_unipc_matches_diffusers(order, variant, spacing, steps, clip):
+    """UniPC-p (predictor and the corrector that reuses the next step's model output) against
+    diffusers' UniPCMultistepScheduler handed our float64 σ grid: the same timesteps, inputs and
+    x̂0. Short grids (1, 2 steps) run at the order their points allow."""
+    from diffusers import UniPCMultistepScheduler
+
+    table = unipc_table(SCHEDULE, steps, spacing, order=order, variant=variant, clip=clip)
+    sched = with_float64_sigmas(UniPCMultistepScheduler(num_train_timesteps=T, solver_order=order,
+                                                        solver_type=variant, predict_x0=True,
+                                                        lower_order_final=True, final_sigmas_type="zero"),
+                                SCHEDULE, table.timesteps.tolist())
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    ours = _run_ours(table, x.clone(), [None] * steps)
+    theirs, xd = [], x.clone()
+    for t in table.timesteps.tolist():
+        xd = sched.step(_clipped_x0_as_eps(xd, t, clip), t, xd).prev_sample
+        theirs.append(xd)
+    if variant == "bh1":  # diffusers' bh1 last step to σ = 0 is B(h)·0 = −∞·0 = NaN (0.42.1);
+        ours, theirs = ours[:-1], theirs[:-1]  # ours is x_0 = x̂0 there (checked below)
+        assert theirs[-1:] == [] or not torch.isnan(theirs[-1]).any()
+    _assert_trajectories_close(ours, theirs)
+
+
+def test_every_registered_sampler_builds_and_ends_at_x0():
+    for name in SAMPLERS:
+        options = {"variance": "fixed_large"} if name == "ddpm" else {}
+        table = make_table(SCHEDULE, name, 8, "trailing", clip=True, **options)
+        assert table.coef.dtype == torch.float64 and torch.isfinite(table.coef).all()
+        assert table.coef[-1, 2] == pytest.approx(1.0, rel=1e-12)  # a = 1: x_0 = x̂0 ...
+        assert table.coef[-1, 5:].abs().max() < 1e-7  # ... and nothing else, no noise
 
 
 def test_last_step_has_no_noise_and_returns_x0():
     for table in (ddpm_table(SCHEDULE, 10, "trailing", variance="fixed_large", clip=True),
                   ddim_table(SCHEDULE, 10, eta=1.0, clip=True),
                   dpmpp_2m_table(SCHEDULE, 10, clip=True)):
-        c_x, c_e, a, b, c, d, sigma = table.coef[-1].tolist()
+        c_x, c_e, a, b, c, *d, sigma = table.coef[-1].tolist()
         assert sigma == 0.0 and b == pytest.approx(0.0, abs=1e-12) and c == pytest.approx(0.0, abs=1e-7)
-        assert a == pytest.approx(1.0, rel=1e-12) and d == 0.0
+        assert a == pytest.approx(1.0, rel=1e-12) and d == [0.0] * len(d)
 
 
 @pytest.mark.parametrize("steps", [0, -3, 1001])
