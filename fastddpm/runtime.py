@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import kernels
-from .backends import get_backend, make_denoiser, resolve_device
+from . import kernels, sessions
+from .backends import get_backend, resolve_device, resolve_threads
 from .dtypes import torch_dtype
 from .errors import UserError
 from .kernels.noise import INIT_STREAM
@@ -63,7 +63,9 @@ class Sampler:
         self.dtype = torch_dtype(options.dtype)
         cfg = model.config
         self.image_shape = (cfg.out_channels, cfg.image_size, cfg.image_size)
-        self.denoise = make_denoiser(model, options.backend, self.device, self.dtype, options.threads)
+        # kept for the process (fastddpm.sessions): a second Sampler of the same model, backend,
+        # device, dtype and threads converts, exports and compiles nothing
+        self.denoise = sessions.denoiser(model, options.backend, self.device, self.dtype, options.threads)
         self.coef = self.table.coef.to(device=self.device, dtype=torch.float32)
         self.timesteps = self.table.timesteps.to(self.device)
         self.use_graph = (options.cuda_graph and self.device.type == "cuda"
@@ -171,8 +173,16 @@ def sample(model: DiffusionModel | str | None = None, num: int = 64, seed: int =
     if not isinstance(model, DiffusionModel):
         model = load(model or "default")
     check_request(num, seed, model, batch=min(num, options.batch_size or MAX_BATCH))
-    runner = Sampler(model, options)
-    batches = options.batches(num)
+    # the Sampler (its engine, table and CUDA graphs) is kept for the next call in this process
+    options = options.replace(threads=resolve_threads(options.threads))
+    runner = sessions.cached(sessions.SAMPLERS, model, options, lambda: Sampler(model, options))
+    return draw(runner, seed, options.batches(num), progress)
+
+
+def draw(runner: Sampler, seed: int, batches: list[tuple[int, int]],
+         progress: bool = False) -> torch.Tensor:
+    """The samples of stream `seed` in `batches` ((first, size) pairs) by `runner`: a float32
+    CPU tensor (Σ size, C, H, W) in [−1, 1]."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
