@@ -84,10 +84,10 @@ def metadata(model: DiffusionModel, graph: str, options: OnnxOptions, opset: int
         sampling = options.sampling
         info["sampler"] = {"name": table.name, "steps": sampling.steps, "eta": sampling.eta,
                            "spacing": sampling.spacing, "clip": table.clip,
-                           "num_steps": table.num_steps, "uses_x0_prev": table.uses_x0_prev,
+                           "num_steps": table.num_steps, "history": table.history,
                            "timesteps": table.timesteps.tolist()}
         props = {f"{METADATA_KEY}.num_steps": str(table.num_steps),
-                 f"{METADATA_KEY}.uses_x0_prev": str(int(table.uses_x0_prev))}
+                 f"{METADATA_KEY}.history": str(table.history)}
     return {METADATA_KEY: json.dumps(info), f"{METADATA_KEY}.graph": graph, **props}
 
 

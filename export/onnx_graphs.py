@@ -2,14 +2,17 @@
 
 ε graph:    x (B, C, H, W), t int64 (B,)                      → eps (B, C, H, W)
 step graph: x (B, C, H, W), step int64 (1,), noise (B, C, H, W)
-            [, x0_prev (B, C, H, W) for DPM-Solver++(2M)]      → x_prev, x0 (B, C, H, W)
+            [, x0_history (K, B, C, H, W) for multistep samplers]  → x_prev, x0 (B, C, H, W)
 
 The step graph carries the sampler table (timesteps and coefficients) as constants, so a host
 needs only `for step in range(S): x, x0 = run(x, step, noise_step)`; t = timesteps[step] and the
-update of `kernels.reverse_step_reference` happen inside. No If/Loop/Scan: the ORT CUDA EP and
-TensorRT can graph-capture it. GroupNorm becomes ONNX GroupNormalization (per-channel scale and
-bias) from opset 21 and an InstanceNormalization decomposition below that; either way its
-statistics are computed in float32, also in fp16/bf16 graphs (the reference casts up first).
+update of `kernels.reverse_step_reference` happen inside. A multistep sampler (K = its
+`table.history` > 0) also reads the x̂0 ring of the runtime's kernel: the x0 of step s in slot
+s mod K, zero before the first step — the host writes each step's x0 output into slot step mod K.
+No If/Loop/Scan: the ORT CUDA EP and TensorRT can graph-capture it. GroupNorm becomes ONNX
+GroupNormalization (per-channel scale and bias) from opset 21 and an InstanceNormalization
+decomposition below that; either way its statistics are computed in float32, also in fp16/bf16
+graphs (the reference casts up first).
 """
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ import torch
 from torch import nn
 
 from fastddpm import kernels
+from fastddpm.kernels.reverse_step import ring_history
 from fastddpm.samplers import SamplerTable
 from fastddpm.unet import UNet
 
 EPS_INPUTS, EPS_OUTPUTS = ("x", "t"), ("eps",)
-STEP_INPUTS, STEP_OUTPUTS = ("x", "step", "noise", "x0_prev"), ("x_prev", "x0")
+STEP_INPUTS, STEP_OUTPUTS = ("x", "step", "noise", "x0_history"), ("x_prev", "x0")
 GROUPNORM_NATIVE_OPSET = 21  # GroupNormalization with per-channel scale/bias (18 had per-group)
 MIN_OPSET = 18  # the torch.onnx (dynamo) exporter's own opset; older ones it cannot write
 BF16_MIN_OPSET = 22  # Conv, Gemm and InstanceNormalization accept bfloat16 from opset 22
@@ -44,29 +48,30 @@ class StepGraph(nn.Module):
         # float32 like the runtime's device table; the step arithmetic is float32 in every dtype
         self.register_buffer("coef", table.coef.to(torch.float32))
         self.clip = table.clip
-        self.uses_x0_prev = table.uses_x0_prev
 
     def forward(self, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor,
-                x0_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                x0_history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.timesteps.index_select(0, step).expand(x.shape[0])
         eps = self.unet(x, t)
         row = self.coef.index_select(0, step).squeeze(0)
-        return kernels.reverse_step_reference(x, eps, row, noise, x0_prev, self.clip)
+        past = ring_history(x0_history, step) if x0_history is not None else None
+        return kernels.reverse_step_reference(x, eps, row, noise, past, self.clip)
 
 
 def example_inputs(graph: str, image_shape: tuple[int, ...], batch: int, dtype: torch.dtype,
-                   num_steps: int = 1, uses_x0_prev: bool = False,
+                   num_steps: int = 1, history: int = 0,
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Random inputs (never zeros) for the ε or step graph, by input name."""
-    def image() -> torch.Tensor:
-        return torch.randn((batch, *image_shape), generator=generator).to(dtype)
+    """Random inputs (never zeros) for the ε or step graph, by input name; `history` slots of
+    x̂0 ring for a multistep sampler's step graph."""
+    def image(*lead: int) -> torch.Tensor:
+        return torch.randn((*lead, batch, *image_shape), generator=generator).to(dtype)
 
     if graph == "eps":
         return {"x": image(), "t": torch.randint(0, 1000, (batch,), generator=generator)}
     inputs = {"x": image(), "step": torch.randint(0, num_steps, (1,), generator=generator),
               "noise": image()}
-    if uses_x0_prev:
-        inputs["x0_prev"] = image()
+    if history:
+        inputs["x0_history"] = image(history)
     return inputs
 
 
@@ -96,8 +101,9 @@ def trace_to_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_nam
                   opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     """torch.export the module on `inputs` (names = forward's argument names) → ONNX at `opset`."""
     batch = torch.export.Dim("batch", min=1, max=4096) if dynamic_batch else None
-    dynamic_shapes = {name: ({0: batch} if batch is not None and name != "step" else None)
-                      for name in inputs}
+    batch_dim = {"step": None, "x0_history": 1}  # the ring's slots come first
+    dynamic_shapes = {name: ({batch_dim.get(name, 0): batch} if batch is not None and name != "step"
+                             else None) for name in inputs}
     with _quiet_exporter(), torch.no_grad():
         program = torch.export.export(module, (), kwargs=inputs, dynamic_shapes=dynamic_shapes)
         program = program.run_decompositions(
@@ -130,6 +136,6 @@ def step_graph(unet: UNet, table: SamplerTable, dtype: torch.dtype, batch: int |
     cfg = unet.config
     module = StepGraph(unet, table).eval()
     inputs = example_inputs("step", (cfg.in_channels, cfg.image_size, cfg.image_size),
-                            batch or TRACE_BATCH, dtype, table.num_steps, table.uses_x0_prev,
+                            batch or TRACE_BATCH, dtype, table.num_steps, table.history,
                             generator=_trace_generator())
     return trace_to_onnx(module, inputs, STEP_OUTPUTS, opset, batch is None)

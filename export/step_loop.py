@@ -4,8 +4,9 @@ This is the Python twin of export/cpp/main.cpp, and the contract between them:
 
 - noise file: raw little-endian float32, (S + 1, N, C, H, W) — x_T first, then the z of each of
   the S steps (the graph multiplies z by σ of the step; σ = 0 at the last step);
-- x0_prev, for samplers that use it (DPM-Solver++(2M)), starts at zero and is the x0 output of
-  the previous step.
+- x0_history, for multistep samplers (metadata `history` = K > 0: DPM-Solver++, UniPC), is a ring
+  (K, N, C, H, W) that starts at zero; after step s the host writes the x0 output into slot
+  s mod K (the graph reads x̂0 of step s − k from slot (s − k) mod K).
 """
 from __future__ import annotations
 
@@ -50,14 +51,18 @@ def read_noise_file(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(data.reshape(shape))
 
 
-def sample_with_step_graph(runner, noise: torch.Tensor, uses_x0_prev: bool) -> torch.Tensor:
-    """x_0 (N, C, H, W) from x_T = noise[0] and step noise noise[1:], with a step-graph runner."""
+def sample_with_step_graph(runner, noise: torch.Tensor, history: int) -> torch.Tensor:
+    """x_0 (N, C, H, W) from x_T = noise[0] and step noise noise[1:], with a step-graph runner;
+    `history`: the graph's x̂0 ring slots (its metadata's sampler.history)."""
     x = noise[0]
-    x0_prev = torch.zeros_like(x)
+    ring = torch.zeros((history, *x.shape), dtype=x.dtype)
     for step in range(noise.shape[0] - 1):
         inputs = {"x": x, "step": torch.tensor([step]), "noise": noise[step + 1]}
-        if uses_x0_prev:
-            inputs["x0_prev"] = x0_prev
+        if history:
+            inputs["x0_history"] = ring
         out = runner(**inputs)
-        x, x0_prev = out["x_prev"], out["x0"]
+        x = out["x_prev"]
+        if history:
+            ring = ring.clone()  # a runner may hand back views of its own buffers
+            ring[step % history] = out["x0"]
     return x

@@ -55,7 +55,7 @@ def compare(run, unet: UNet, graph: str, dtype: str, batch: int | None,
     c_e = table.coef[:, COEF_FIELDS.index("c_e")]
     for step in sorted({0, table.num_steps // 2, table.num_steps - 1}):  # noisiest, middle, last
         inputs = example_inputs("step", shape, _batch(batch), DTYPES[dtype], table.num_steps,
-                                table.uses_x0_prev, generator=gen)
+                                table.history, generator=gen)
         inputs["step"] = torch.tensor([step])
         got = run(**inputs)
         with torch.no_grad():

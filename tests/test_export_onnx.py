@@ -60,17 +60,17 @@ def _ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
-def _torch_loop(model, table, noise, x0_prev_used):
-    """The sampler with explicit noise, straight from the table, the U-Net and the reference step."""
+def _torch_loop(model, table, noise):
+    """The sampler with explicit noise, straight from the table, the U-Net and the reference step
+    (the x̂0 history as a list, newest first: no ring)."""
     x = noise[0]
-    x0_prev = torch.zeros_like(x) if x0_prev_used else None
+    history = []
     with torch.no_grad():
         for i in range(table.num_steps):
             eps = model.unet(x, table.timesteps[i].expand(x.shape[0]))
             x, x0 = kernels.reverse_step_reference(x, eps, table.coef[i].float(), noise[i + 1],
-                                                   x0_prev, table.clip)
-            if x0_prev_used:
-                x0_prev = x0
+                                                   history, table.clip)
+            history = [x0, *history][:table.history]
     return x
 
 
@@ -99,19 +99,22 @@ def test_ddim_step_graph_runs_the_sampler(model, ddim_step_onnx):
     assert not _ops(ddim_step_onnx) & CONTROL_FLOW
     table = model.table(sampler="ddim", steps=10, eta=1.0)
     noise = torch.randn(11, 2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    got = sample_with_step_graph(OrtRunner(ddim_step_onnx), noise, uses_x0_prev=False)
-    want = _torch_loop(model, table, noise, False)
+    assert info["sampler"]["history"] == 0 and "x0_history" not in OrtRunner(ddim_step_onnx).input_names
+    got = sample_with_step_graph(OrtRunner(ddim_step_onnx), noise, history=0)
+    want = _torch_loop(model, table, noise)
     assert (got - want).abs().max() < 1e-4
     # the noise reaches the result (σ > 0): other step noise, other images
     other = noise.clone()
     other[1:] = torch.randn(10, 2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    assert (sample_with_step_graph(OrtRunner(ddim_step_onnx), other, False) - got).abs().max() > 1e-2
+    assert (sample_with_step_graph(OrtRunner(ddim_step_onnx), other, 0) - got).abs().max() > 1e-2
 
 
 @pytest.mark.slow  # one more export
-def test_dpmpp_step_graph_decomposed_with_external_data(model, tmp_path):
+def test_multistep_step_graph_decomposed_with_external_data(model, tmp_path):
+    """UniPC-3 reads the x̂0 of three earlier steps: the graph's ring input, fed back by the host,
+    against the reference loop (7 steps: the ring wraps around twice)."""
     out = tmp_path / "dpm.onnx"
-    options = OnnxOptions(what="step", sampling=SamplingOptions(sampler="dpm++", steps=6), opset=18,
+    options = OnnxOptions(what="step", sampling=SamplingOptions(sampler="unipc3", steps=7), opset=18,
                           external_data_bytes=0)
     export_onnx(model, out, options, log=None)
     assert (tmp_path / "dpm.onnx.data").is_file()
@@ -119,10 +122,16 @@ def test_dpmpp_step_graph_decomposed_with_external_data(model, tmp_path):
     ops = _ops(out)
     assert "InstanceNormalization" in ops and "GroupNormalization" not in ops
     runner = OrtRunner(out)
-    assert "x0_prev" in runner.input_names
-    noise = torch.randn(7, 3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
-    got = sample_with_step_graph(runner, noise, uses_x0_prev=True)
-    assert (got - _torch_loop(model, model.table(sampler="dpm++", steps=6), noise, True)).abs().max() < 1e-4
+    assert "x0_history" in runner.input_names
+    assert read_metadata(onnx.load(str(out), load_external_data=False))["sampler"]["history"] == 3
+    noise = torch.randn(8, 3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    got = sample_with_step_graph(runner, noise, history=3)
+    table = model.table(sampler="unipc3", steps=7)
+    assert (got - _torch_loop(model, table, noise)).abs().max() < 1e-4
+    # the host's ring is what the graph reads: a ring left at zero gives another result
+    blind = sample_with_step_graph(lambda **kw: runner(**{**kw, "x0_history": torch.zeros(3, 3, 3, 8, 8)}),
+                                   noise, history=3)
+    assert (blind - got).abs().max() > 1e-3
 
 
 @pytest.mark.slow  # one more export
