@@ -135,9 +135,10 @@ def test_cpp_loop_matches_python_loop_on_the_same_noise(sampler, step_graph, tmp
 
 
 @pytest.mark.slow  # one more export
-def test_cpp_loop_carries_x0_prev_for_dpmpp(sampler, tmp_path):
-    graph = _export_step_graph(tmp_path, "dpm++")
-    assert step_graph_info(graph)["sampler"]["uses_x0_prev"]
+def test_cpp_loop_carries_the_x0_ring_for_multistep_samplers(sampler, tmp_path):
+    """UniPC-3 over 8 steps reads the x0 of 3 earlier steps: the ring wraps around twice."""
+    graph = _export_step_graph(tmp_path, "unipc3")
+    assert step_graph_info(graph)["sampler"]["history"] == 3
     _compare_loops(sampler, graph, tmp_path)
 
 
@@ -152,8 +153,7 @@ def _compare_loops(sampler, step_graph, tmp_path):
                        "--threads", 1, "--out", tmp_path / "grid.ppm", "--raw-out", tmp_path / "x.f32")
     assert done.returncode == 0, done.stderr
     cpp = torch.from_numpy(np.fromfile(tmp_path / "x.f32", dtype="<f4").reshape(COUNT, 3, 8, 8))
-    python = sample_with_step_graph(OrtRunner(step_graph, threads=1), noise,
-                                    info["sampler"]["uses_x0_prev"])
+    python = sample_with_step_graph(OrtRunner(step_graph, threads=1), noise, info["sampler"]["history"])
     assert (cpp - python).abs().max() < 1e-4
     assert python.std() > 0.1  # real images, not a constant
     # the grid is the one fastddpm.images draws (a pixel may round the other way at .5)

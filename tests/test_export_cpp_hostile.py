@@ -12,9 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 from test_export_cpp import COUNT, VARIANTS, Sampler, sampler_build, step_graph  # noqa: F401
 from test_export_cpp import pytestmark as pytestmark  # the same skip without cmake / ORT headers
+
+from fastddpm.export.runners import OrtRunner
+from fastddpm.export.step_loop import sample_with_step_graph, write_noise_file
 
 OPSET = 21
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
@@ -31,14 +35,14 @@ def sampler(request, tmp_path_factory) -> Sampler:
 # crafted graphs
 
 
-def _props(num_steps=STEPS, uses_x0_prev=0, channels=3, size=8, json_text=None, **flat) -> dict[str, str]:
+def _props(num_steps=STEPS, history=0, channels=3, size=8, json_text=None, **flat) -> dict[str, str]:
     """The metadata of a real step-graph export, with any value replaced."""
     info = {"graph": "step", "dtype": "fp32", "batch": "dynamic", "opset": OPSET,
             "unet": {"image_size": size, "in_channels": channels, "out_channels": channels},
             "sampler": {"name": "ddpm", "steps": num_steps, "num_steps": num_steps,
-                        "uses_x0_prev": bool(uses_x0_prev), "timesteps": list(range(num_steps))}}
+                        "history": history, "timesteps": list(range(num_steps))}}
     props = {"fastddpm": json.dumps(info) if json_text is None else json_text, "fastddpm.graph": "step",
-             "fastddpm.num_steps": str(num_steps), "fastddpm.uses_x0_prev": str(uses_x0_prev)}
+             "fastddpm.num_steps": str(num_steps), "fastddpm.history": str(history)}
     props.update({f"fastddpm.{key}": value for key, value in flat.items()})
     return {key: value for key, value in props.items() if value is not None}
 
@@ -195,12 +199,24 @@ GRAPHS = {
     "extra_input": (lambda d: _graph(d / "g.onnx", inputs=[_tensor("x"), _tensor("step", INT64, [1]),
                                                            _tensor("noise"), _tensor("y")]),
                     "unexpected graph input \"y\""),
-    "x0_prev_input_but_metadata_says_0": (
+    "x0_history_input_but_metadata_says_0": (
         lambda d: _graph(d / "g.onnx", inputs=[_tensor("x"), _tensor("step", INT64, [1]), _tensor("noise"),
-                                               _tensor("x0_prev")]),
-        "has an input x0_prev but its metadata fastddpm.uses_x0_prev is 0"),
-    "metadata_says_x0_prev_but_no_input": (lambda d: _graph(d / "g.onnx", props=_props(uses_x0_prev=1)),
-                                           "is 1 but the graph has no input x0_prev"),
+                                               _tensor("x0_history", shape=[2, *IMAGE])]),
+        "has an input x0_history but its metadata fastddpm.history is 0"),
+    "metadata_says_history_but_no_input": (lambda d: _graph(d / "g.onnx", props=_props(history=2)),
+                                           "fastddpm.history is 2 but the graph has no input x0_history"),
+    # a ring of 2 slots declared, 3 in the metadata: the C++ buffer would be read past its end
+    "x0_history_slots_disagree": (
+        lambda d: _graph(d / "g.onnx", inputs=[_tensor("x"), _tensor("step", INT64, [1]), _tensor("noise"),
+                                               _tensor("x0_history", shape=[2, *IMAGE])],
+                         props=_props(history=3)),
+        "graph input 'x0_history' has shape (2, ?, 3, 8, 8); the metadata's U-Net config and --count say "
+        "(3, 5, 3, 8, 8)"),
+    "x0_history_rank_4": (
+        lambda d: _graph(d / "g.onnx", inputs=[_tensor("x"), _tensor("step", INT64, [1]), _tensor("noise"),
+                                               _tensor("x0_history")],
+                         props=_props(history=1)),
+        "graph input 'x0_history' has rank 4; a step graph's is 5"),
     "nan_output": (lambda d: _graph(d / "g.onnx", _x0(_const("nan", np.float32(np.nan)),
                                                       helper.make_node("Add", ["x", "nan"], ["x_prev"]))),
                    "NaN or infinity"),
@@ -226,9 +242,11 @@ METADATA = {
     "num_steps_huge": (dict(num_steps="100001"), "not \"100001\""),
     "num_steps_overflow": (dict(num_steps="99999999999999999999999"), "not \"99999999999999999999999\""),
     "num_steps_missing": (dict(num_steps=None), "no 'fastddpm.num_steps' metadata"),
-    "uses_x0_prev_2": (dict(uses_x0_prev="2"), "uses_x0_prev must be 0 or 1, not \"2\""),
-    "uses_x0_prev_true": (dict(uses_x0_prev="true"), "must be 0 or 1, not \"true\""),
-    "uses_x0_prev_empty": (dict(uses_x0_prev=""), "must be 0 or 1"),
+    "history_9": (dict(history="9"), "fastddpm.history must be an integer in 0..8, not \"9\""),
+    "history_negative": (dict(history="-1"), "history must be an integer in 0..8, not \"-1\""),
+    "history_true": (dict(history="true"), "history must be an integer in 0..8, not \"true\""),
+    "history_empty": (dict(history=""), "history must be an integer in 0..8, not \"\""),
+    "history_missing": (dict(history=None), "no 'fastddpm.history' metadata"),
     "graph_eps": (dict(graph="eps"), "is not a step graph"),
     "no_graph_key": (dict(graph=None), "no 'fastddpm.graph' metadata"),
 }
@@ -283,8 +301,10 @@ JSON = {
     "duplicate_key": ('{"unet": {"in_channels": 3, "in_channels": 1, "image_size": 8}, "sampler": {}}',
                       "has unet.in_channels twice"),
     "num_steps_disagree": (_info(**{"sampler.num_steps": 4}), "num_steps and the JSON's sampler.num_steps"),
-    "uses_x0_prev_disagree": (_info(**{"sampler.uses_x0_prev": True}), "uses_x0_prev and the JSON's"),
-    "uses_x0_prev_not_bool": (_info(**{"sampler.uses_x0_prev": 0}), "fastddpm.uses_x0_prev and the JSON's"),
+    "history_disagree": (_info(**{"sampler.history": 2}), "fastddpm.history and the JSON's sampler.history"),
+    "history_not_int": (_info(**{"sampler.history": False}), "sampler.history is not a number"),
+    "history_float": (_info(**{"sampler.history": 0.0}), "sampler.history must be an integer in 0..8"),
+    "no_history": (_info(**{"sampler.history": None}), "has no sampler.history"),
 }
 
 
@@ -336,6 +356,38 @@ def test_the_honest_crafted_graph_runs(sampler, folders):
     assert sorted(p.name for p in out_dir.iterdir()) == ["grid.ppm", "x.f32"]  # no temp file
     assert np.fromfile(out_dir / "x.f32", dtype="<f4").size == 2 * 3 * 8 * 8
     assert (out_dir / "grid.ppm").read_bytes().startswith(b"P6\n")
+
+
+def test_the_x0_ring_is_kept_as_the_python_loop_keeps_it(sampler, folders):
+    """A crafted multistep graph, x_prev = x/2 + Σ_k w_k·x0_history[k] + 0·noise with x0 = x + 1
+    and a weight per slot: 5 steps over a ring of 3 slots (it wraps) give the Python host's
+    result (step_loop) only if each x0 lands in slot step mod 3 — and, built with the
+    sanitizers, without a read past the ring."""
+    model_dir, out_dir = folders
+    nodes = [_const("half", np.float32(0.5)), _const("zero", np.float32(0)), _const("one", np.float32(1)),
+             _const("w", np.array([0.3, -0.2, 0.1], np.float32).reshape(3, 1, 1, 1, 1)),
+             _const("axis0", np.array([0], np.int64)),
+             helper.make_node("Mul", ["x0_history", "w"], ["weighed"]),
+             helper.make_node("ReduceSum", ["weighed", "axis0"], ["past"], keepdims=0),
+             helper.make_node("Mul", ["x", "half"], ["x_half"]),
+             helper.make_node("Mul", ["noise", "zero"], ["z0"]),
+             helper.make_node("Add", ["x_half", "past"], ["partial"]),
+             helper.make_node("Add", ["partial", "z0"], ["x_prev"]),
+             helper.make_node("Add", ["x", "one"], ["x0"])]
+    inputs = [_tensor("x"), _tensor("step", INT64, [1]), _tensor("noise"),
+              _tensor("x0_history", shape=[3, *IMAGE])]
+    graph = _graph(model_dir / "ring.onnx", nodes, inputs, props=_props(num_steps=5, history=3))
+    noise = torch.randn(6, 2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    write_noise_file(model_dir / "noise.f32", noise)
+    done = sampler.run(*_argv(out_dir, graph, count=2, noise=model_dir / "noise.f32"))
+    assert done.returncode == 0, done.stderr
+    runner = OrtRunner(graph, threads=1)
+    want = sample_with_step_graph(runner, noise, 3).numpy()
+    got = np.fromfile(out_dir / "x.f32", dtype="<f4").reshape(2, 3, 8, 8)
+    assert np.abs(got - want).max() < 1e-5
+    blind = sample_with_step_graph(lambda **kw: runner(**{**kw, "x0_history": torch.zeros(3, 2, 3, 8, 8)}),
+                                   noise, 3).numpy()
+    assert np.abs(blind - want).max() > 1e-2  # the ring's contents reach the result
 
 
 def test_metadata_json_is_read_whole(sampler, folders):

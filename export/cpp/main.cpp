@@ -1,8 +1,10 @@
-// fastddpm_sample: the whole DDPM/DDIM/DPM-Solver++ sampling loop over an exported step graph,
-// with the ONNX Runtime C++ API. The graph holds the sampler (timesteps and coefficients), so
-// the host is a loop and a noise source:
+// fastddpm_sample: the whole DDPM/DDIM/DPM-Solver++/UniPC sampling loop over an exported step
+// graph, with the ONNX Runtime C++ API. The graph holds the sampler (timesteps and coefficients),
+// so the host is a loop, a noise source and, for multistep samplers (metadata history K > 0), a
+// ring of the x0 of the last K steps — the x0 of step s in slot s mod K, zero at the start:
 //
-//   x = x_T;  for step in 0..S-1:  (x, x0) = graph(x, step, z_step [, x0_prev = previous x0])
+//   x = x_T;  for step in 0..S-1:  (x, x0) = graph(x, step, z_step [, x0_history = ring]);
+//                                  ring[step mod K] = x0
 //
 // Noise: seeded Gaussian (std::mt19937_64, drawn in the order of the noise file), or a noise
 // file written by fastddpm.export.step_loop: raw little-endian float32 of shape
@@ -48,6 +50,7 @@ namespace {
 constexpr int64_t kMaxCount = 1 << 16;                    // --count
 constexpr int64_t kMaxThreads = 1024;                     // --threads
 constexpr int64_t kMaxSteps = 100000;                     // fastddpm.num_steps
+constexpr int64_t kMaxHistory = 8;                        // fastddpm.history: x0 ring slots
 constexpr int64_t kMaxChannels = 4096;                    // unet.in_channels
 constexpr int64_t kMaxImageSize = 1 << 16;                // unet.image_size
 constexpr uint64_t kMaxBufferFloats = uint64_t{1} << 28;  // N*C*H*W: 1 GiB per float32 buffer
@@ -408,10 +411,11 @@ int64_t json_int(const Json& v, const std::string& name, int64_t lo, int64_t hi)
 
 // What the sampler needs to know about a step graph, every field checked.
 struct StepGraph {
-  int64_t steps = 0;          // S: the rows of the sampler table
-  bool uses_x0_prev = false;  // the graph has an input x0_prev (DPM-Solver++(2M))
-  std::vector<int64_t> image_shape;  // (N, C, H, W) with N = --count
-  size_t numel = 0;                  // N*C*H*W, at most kMaxBufferFloats
+  int64_t steps = 0;    // S: the rows of the sampler table
+  int64_t history = 0;  // K: slots of the x0 ring, the graph's input x0_history (K, N, C, H, W)
+  std::vector<int64_t> image_shape;    // (N, C, H, W) with N = --count
+  std::vector<int64_t> history_shape;  // (K, N, C, H, W)
+  size_t numel = 0;                    // N*C*H*W, at most kMaxBufferFloats
   std::vector<std::string> inputs;   // the graph's input names, in its order
 };
 
@@ -475,9 +479,7 @@ StepGraph inspect(const Ort::Session& session, const Args& a) {
     fail(a.model + " is not a step graph: export it with --what step");
   StepGraph g;
   g.steps = parse_int("the metadata fastddpm.num_steps", metadata(meta, "fastddpm.num_steps"), 1, kMaxSteps);
-  const std::string uses = metadata(meta, "fastddpm.uses_x0_prev");
-  if (uses != "0" && uses != "1") fail("the metadata fastddpm.uses_x0_prev must be 0 or 1, not " + quoted(uses));
-  g.uses_x0_prev = uses == "1";
+  g.history = parse_int("the metadata fastddpm.history", metadata(meta, "fastddpm.history"), 0, kMaxHistory);
 
   // the JSON must say the same as the flat keys, and gives the image shape
   const Json info = JsonReader(metadata(meta, "fastddpm")).parse();
@@ -487,9 +489,8 @@ StepGraph inspect(const Ort::Session& session, const Args& a) {
   const int64_t size = json_int(unet.at("image_size", "unet."), "unet.image_size", 1, kMaxImageSize);
   if (json_int(sampler.at("num_steps", "sampler."), "sampler.num_steps", 1, kMaxSteps) != g.steps)
     fail("the metadata disagrees with itself: fastddpm.num_steps and the JSON's sampler.num_steps differ");
-  const Json& json_uses = sampler.at("uses_x0_prev", "sampler.");
-  if (json_uses.kind != Json::Kind::Bool || json_uses.boolean != g.uses_x0_prev)
-    fail("the metadata disagrees with itself: fastddpm.uses_x0_prev and the JSON's sampler.uses_x0_prev differ");
+  if (json_int(sampler.at("history", "sampler."), "sampler.history", 0, kMaxHistory) != g.history)
+    fail("the metadata disagrees with itself: fastddpm.history and the JSON's sampler.history differ");
   if (channels != 1 && channels != 3)
     fail("the model has " + std::to_string(channels) + " channels; the PGM/PPM grid needs 1 or 3");
   g.image_shape = {a.count, channels, size, size};
@@ -497,25 +498,29 @@ StepGraph inspect(const Ort::Session& session, const Args& a) {
       {a.count, channels, size, size}, kMaxBufferFloats,
       "a batch of " + std::to_string(a.count) + " images of " + std::to_string(channels) + " x " +
           std::to_string(size) + " x " + std::to_string(size) + " floats"));
+  g.history_shape = {g.history, a.count, channels, size, size};
+  checked_product({g.history, a.count, channels, size, size}, kMaxBufferFloats,
+                  "the x0 history of " + std::to_string(g.history) + " batches");
 
-  // each required input exactly once, and no other: uses_x0_prev = 1 iff there is an x0_prev
+  // each required input exactly once, and no other: history > 0 iff there is an x0_history
   Ort::AllocatorWithDefaultOptions alloc;
   std::vector<std::string> required = {"x", "step", "noise"};
-  if (g.uses_x0_prev) required.push_back("x0_prev");
+  if (g.history > 0) required.push_back("x0_history");
   for (size_t i = 0; i < session.GetInputCount(); ++i) {
     const std::string name = session.GetInputNameAllocated(i, alloc).get();
     const auto it = std::find(required.begin(), required.end(), name);
-    if (it == required.end() && name == "x0_prev" && !g.uses_x0_prev)
-      fail("the graph has an input x0_prev but its metadata fastddpm.uses_x0_prev is 0");
+    if (it == required.end() && name == "x0_history" && g.history == 0)
+      fail("the graph has an input x0_history but its metadata fastddpm.history is 0");
     if (it == required.end()) fail("unexpected graph input " + quoted(name));
     required.erase(it);
     const Ort::TypeInfo type = session.GetInputTypeInfo(i);
     if (name == "step") check_declared("input", name, type, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {1});
-    else check_declared("input", name, type, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, g.image_shape);
+    else check_declared("input", name, type, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                        name == "x0_history" ? g.history_shape : g.image_shape);
     g.inputs.push_back(name);
   }
-  if (!required.empty() && required[0] == "x0_prev")
-    fail("the metadata fastddpm.uses_x0_prev is 1 but the graph has no input x0_prev");
+  if (!required.empty() && required[0] == "x0_history")
+    fail("the metadata fastddpm.history is " + std::to_string(g.history) + " but the graph has no input x0_history");
   if (!required.empty())
     fail("the graph has no input '" + required[0] + "'; export it with fastddpm export --what step");
 
@@ -593,8 +598,8 @@ class NoiseSource {
 // The whole loop; returns x_0 (N, C, H, W).
 std::vector<float> sample(Ort::Session& session, const StepGraph& g, NoiseSource& noise) {
   const size_t numel = g.numel;
-  std::vector<int64_t> shape = g.image_shape;  // Ort wants non-const pointers
-  std::vector<float> x(numel), z(numel), x0_prev(numel, 0.0f);
+  std::vector<int64_t> shape = g.image_shape, ring_shape = g.history_shape;  // Ort wants non-const pointers
+  std::vector<float> x(numel), z(numel), ring(static_cast<size_t>(g.history) * numel, 0.0f);
   noise.draw(x);
   std::vector<int64_t> step_value{0}, step_shape{1};
 
@@ -605,13 +610,16 @@ std::vector<float> sample(Ort::Session& session, const StepGraph& g, NoiseSource
     step_value[0] = s;
     noise.draw(z);
     std::vector<Ort::Value> inputs;
-    for (const auto& name : g.inputs) {  // x, step, noise or x0_prev: inspect() allowed no other
+    for (const auto& name : g.inputs) {  // x, step, noise or x0_history: inspect() allowed no other
       if (name == "step") {
         inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, step_value.data(), 1, step_shape.data(), 1));
-        continue;
+      } else if (name == "x0_history") {
+        inputs.push_back(Ort::Value::CreateTensor<float>(mem, ring.data(), ring.size(), ring_shape.data(),
+                                                         ring_shape.size()));
+      } else {
+        float* data = name == "x" ? x.data() : z.data();
+        inputs.push_back(Ort::Value::CreateTensor<float>(mem, data, numel, shape.data(), shape.size()));
       }
-      float* data = name == "x" ? x.data() : name == "noise" ? z.data() : x0_prev.data();
-      inputs.push_back(Ort::Value::CreateTensor<float>(mem, data, numel, shape.data(), shape.size()));
     }
     auto outs = session.Run(Ort::RunOptions{nullptr}, in_names.data(), inputs.data(), inputs.size(),
                             out_names.data(), out_names.size());
@@ -620,7 +628,10 @@ std::vector<float> sample(Ort::Session& session, const StepGraph& g, NoiseSource
     const float* x_prev = checked_output(outs[0], "x_prev", shape, numel, s);
     const float* x0 = checked_output(outs[1], "x0", shape, numel, s);
     std::copy_n(x_prev, numel, x.begin());
-    if (g.uses_x0_prev) std::copy_n(x0, numel, x0_prev.begin());
+    if (g.history > 0) {  // into the slot of the x0 from `history` steps ago, which this step has read
+      const size_t slot = static_cast<size_t>(s % g.history);
+      std::copy_n(x0, numel, ring.begin() + static_cast<std::ptrdiff_t>(slot * numel));
+    }
   }
   // NaN would have no pixel value (casting it to uint8 is undefined), and is a failed run anyway
   for (const float v : x)
