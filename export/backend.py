@@ -1,6 +1,7 @@
 """The onnxruntime and tensorrt ε backends of the sampler, registered with fastddpm.backends
-through entry points (pyproject.toml): the model's ε graph is exported into a temp folder
-(validated, as every export is) and run by the engine's runner on torch buffers."""
+through entry points (pyproject.toml): the model's ε graph is exported (validated, as every
+export is) into the disk cache (fastddpm.disk_cache; a temp folder where it cannot be written)
+and run by the engine's runner on torch buffers."""
 from __future__ import annotations
 
 import tempfile
@@ -8,23 +9,41 @@ from pathlib import Path
 
 import torch
 
+from fastddpm import __version__, disk_cache
 from fastddpm.backends import Backend
 from fastddpm.dtypes import dtype_name
 from fastddpm.model import DiffusionModel
 from fastddpm.options import MAX_BATCH
+from fastddpm.sessions import model_hash
 
 from . import require_onnx_export
 
 
-def _export_denoiser(model: DiffusionModel, engine: str, device: torch.device, dtype: torch.dtype,
-                     threads: int):
-    """`denoise(x, t)` over the model's ε graph, exported now into a temp folder and validated."""
-    require_onnx_export(f"the {engine} backend")  # it runs our ONNX export of the model
+def _eps_onnx(model: DiffusionModel, dtype: torch.dtype, workdir: Path) -> Path:
+    """The model's ε graph in `dtype` as an ONNX file: from the disk cache (exported and validated
+    into it on a miss), or exported into `workdir` where the cache cannot be written."""
+    import onnx
+
     from .onnx import OnnxOptions, export_onnx
 
+    def write(folder: Path) -> None:
+        export_onnx(model, folder / "eps.onnx", OnnxOptions(dtype=dtype_name(dtype), what="eps"), log=None)
+
+    key = {"model": model_hash(model), "dtype": dtype_name(dtype), "torch": torch.__version__,
+           "onnx": onnx.__version__, "fastddpm": __version__}
+    folder = disk_cache.load("onnx", key) or disk_cache.store("onnx", key, write)
+    if folder is None:
+        write(workdir)
+        folder = workdir
+    return folder / "eps.onnx"
+
+
+def _export_denoiser(model: DiffusionModel, engine: str, device: torch.device, dtype: torch.dtype,
+                     threads: int):
+    """`denoise(x, t)` over the model's ε graph (exported and validated, or read from the cache)."""
+    require_onnx_export(f"the {engine} backend")  # it runs our ONNX export of the model
     workdir = tempfile.TemporaryDirectory(prefix="fastddpm-")
-    onnx_path = Path(workdir.name) / "eps.onnx"
-    export_onnx(model, onnx_path, OnnxOptions(dtype=dtype_name(dtype), what="eps"), log=None)
+    onnx_path = _eps_onnx(model, dtype, Path(workdir.name))
     if engine == "tensorrt":
         from .tensorrt import TensorRTRunner, build_engine
 

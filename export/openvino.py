@@ -5,6 +5,8 @@ The U-Net is converted by OpenVINO's own converter straight from the torch modul
 with the reference norms, so it traces to standard ops), with a dynamic batch, and compiled for
 the CPU plugin. One InferRequest serves every call; the inputs are handed over as views of the
 torch tensors (share_inputs) and ε is copied once out of the engine's output into a torch tensor.
+The converted graph is kept as IR in the disk cache (fastddpm.disk_cache): a fresh process reads
+it back instead of converting again.
 
 Why from the torch module and not from our ONNX export (bundled model, 16², batch 64, fp32, an
 "AMD EPYC" with 2 shared threads, one quick run each): converting + compiling the torch module
@@ -28,10 +30,12 @@ import warnings
 import numpy as np
 import torch
 
+from fastddpm import __version__, disk_cache
 from fastddpm.backends import Backend, Denoiser, resolve_threads
 from fastddpm.dtypes import dtype_name
 from fastddpm.errors import UserError, require_extra
 from fastddpm.model import DiffusionModel
+from fastddpm.sessions import model_hash
 
 # --dtype → (INFERENCE_PRECISION_HINT, the OPTIMIZATION_CAPABILITIES entry it needs)
 PRECISIONS = {torch.float32: ("f32", None), torch.bfloat16: ("bf16", "BF16"),
@@ -72,6 +76,23 @@ def convert(model: DiffusionModel):
     return graph, unet
 
 
+def graph_of(model: DiffusionModel):
+    """The converted ε graph (`convert`'s pair), read back from the disk cache when an entry for
+    this model, OpenVINO version and fastddpm version is there (the torch copy is then None: the
+    graph owns its weights), else converted and stored there."""
+    ov = import_openvino()
+    # the IR holds f32 weights whatever --dtype (precision is a compile-time hint), so one entry
+    # serves every dtype
+    key = {"model": model_hash(model), "openvino": ov.__version__, "fastddpm": __version__}
+    folder = disk_cache.load("openvino", key)
+    if folder is not None:
+        return ov.Core().read_model(folder / "eps.xml"), None
+    graph, unet = convert(model)
+    disk_cache.store("openvino", key,
+                     lambda d: ov.save_model(graph, d / "eps.xml", compress_to_fp16=False))
+    return graph, unet
+
+
 def make(model: DiffusionModel, device: torch.device, dtype: torch.dtype,
          threads: int | None = None) -> Denoiser:
     device = torch.device(device)
@@ -80,7 +101,7 @@ def make(model: DiffusionModel, device: torch.device, dtype: torch.dtype,
     ov = import_openvino()
     core = ov.Core()
     config = compile_config(core, dtype, resolve_threads(threads))
-    graph, unet = convert(model)
+    graph, unet = graph_of(model)
     compiled = core.compile_model(graph, "CPU", config)
     request = compiled.create_infer_request()
 

@@ -18,6 +18,14 @@ CPU = torch.device("cpu")
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def disk_cache_in_tmp(tmp_path_factory):
+    """The converted IR goes to a folder of this module's, not the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDDPM_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def model():
     m = tiny_model(TINY_WIDE, ScheduleConfig("linear", 50))

@@ -57,9 +57,16 @@ def test_sampler_passes_the_knob(model, restore_torch_threads):
     assert torch.get_num_threads() == 1
 
 
-def test_onnxruntime_session_is_tuned_and_takes_the_knob(model, restore_torch_threads):
+def test_onnxruntime_session_is_tuned_and_takes_the_knob(model, restore_torch_threads, tmp_path,
+                                                        monkeypatch):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
-    pytest.importorskip("onnx", reason="the onnx extra is not installed")
+    pytest.importorskip("onnxscript", reason="the onnx extra is not installed")
+    from fastddpm.export import onnx as export_module
+
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path))
+    exports = []
+    real = export_module.export_onnx
+    monkeypatch.setattr(export_module, "export_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
     denoise = make_denoiser(model, "onnxruntime", CPU, torch.float32, threads=1)
     options = denoise.runner.session.get_session_options()
     import onnxruntime as ort
@@ -70,10 +77,17 @@ def test_onnxruntime_session_is_tuned_and_takes_the_knob(model, restore_torch_th
     torch.set_num_threads(1)
     default = make_denoiser(model, "onnxruntime", CPU, torch.float32)  # default: torch's count
     assert default.runner.session.get_session_options().intra_op_num_threads == 1
+    # the second session read the ε graph from the disk cache: one export, and the same ε
+    assert exports == [1] and len(list(tmp_path.glob("onnx-*/eps.onnx"))) == 1
+    x, t = _inputs()
+    with torch.inference_mode():
+        want = model.unet(x, t)
+    assert (default(x, t) - want).abs().max() < 1e-4 and (denoise(x, t) - want).abs().max() < 1e-4
 
 
-def test_openvino_takes_the_knob(model, restore_torch_threads):
+def test_openvino_takes_the_knob(model, restore_torch_threads, tmp_path, monkeypatch):
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path))
     torch.set_num_threads(2)
     denoise = make_denoiser(model, "openvino", CPU, torch.float32, threads=1)
     assert denoise.compiled.get_property("INFERENCE_NUM_THREADS") == 1
