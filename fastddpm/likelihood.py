@@ -25,6 +25,7 @@ from .backends import Denoiser, make_denoiser, resolve_device
 from .errors import UserError
 from .kernels.noise import FORWARD_STREAM, gaussian
 from .model import DiffusionModel
+from .prediction import epsilon_denoiser
 from .schedule import Schedule
 
 LEVELS = 256  # 8-bit data: the decoder's bins
@@ -149,7 +150,8 @@ def bits_per_dim(model: DiffusionModel, images: torch.Tensor, seed: int = 0,
     dev = resolve_device(device)
     schedule = model.schedule
     num_t = schedule.num_timesteps
-    denoise = make_denoiser(model, "torch", dev, torch.float32)
+    denoise = epsilon_denoiser(make_denoiser(model, "torch", dev, torch.float32),
+                               schedule.alphas_cumprod, model.sampling.prediction)
     x0 = quantize(images.to(dev, torch.float64))
     terms = torch.empty(len(x0) * num_t, dtype=torch.float64, device=dev)
     bar = None

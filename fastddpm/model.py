@@ -7,6 +7,7 @@ import torch
 
 from .errors import UserError
 from .options import SamplingOptions
+from .prediction import check_prediction, for_prediction
 from .samplers import SAMPLERS, VARIANCES, SamplerTable, make_table
 from .schedule import Schedule, ScheduleConfig
 from .unet import UNet, UNetConfig
@@ -16,18 +17,23 @@ from .unet import UNet, UNetConfig
 class SamplingDefaults:
     variance: str = "fixed_large"  # σ² = β ("fixed_large", CIFAR-10) or β̃ ("fixed_small", 256²)
     clip: bool = True  # clip x̂0 to [−1, 1]
+    prediction: str = "epsilon"  # what the network predicts: epsilon | sample | v_prediction
 
     def to_dict(self) -> dict:
-        return {"variance": self.variance, "clip": self.clip}
+        d = {"variance": self.variance, "clip": self.clip}
+        if self.prediction != "epsilon":  # absent for ε: files read as before
+            d["prediction"] = self.prediction
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingDefaults:
-        unknown = set(d) - {"variance", "clip"}
+        unknown = set(d) - {"variance", "clip", "prediction"}
         if unknown:
             raise UserError(f"unknown sampling field(s) {sorted(unknown)}")
         out = cls(**d)
         if out.variance not in VARIANCES:
             raise UserError(f"unknown variance type {out.variance!r}; choose one of {', '.join(VARIANCES)}")
+        check_prediction(out.prediction)
         return out
 
 
@@ -68,8 +74,9 @@ class DiffusionModel:
         if "variance" in SAMPLERS[options.sampler].options:
             extra["variance"] = self.sampling.variance
         clip = self.sampling.clip if options.clip is None else options.clip
-        return make_table(self.schedule, options.sampler, options.steps, options.spacing,
-                          clip=clip, start=start, **extra)
+        table = make_table(self.schedule, options.sampler, options.steps, options.spacing,
+                           clip=clip, start=start, **extra)
+        return for_prediction(table, self.schedule.alphas_cumprod, self.sampling.prediction)
 
 
 def check_weights(unet: torch.nn.Module, state: dict, where: str) -> None:

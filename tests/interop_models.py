@@ -41,3 +41,32 @@ def random_unet(config: dict, seed: int = 0) -> UNet2DModel:
             elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and module.bias is not None:
                 module.bias.normal_(0.0, 0.05)
     return unet.eval()
+
+
+def perturbed_unet(config: dict, seed: int) -> UNet2DModel:
+    """A UNet2DModel with every parameter moved off its initial value (norms start at (1, 0),
+    zero-initialised layers at 0: either would hide a swapped or missing weight)."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**config)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * (0.2 if p.ndim == 1 else 0.5 * p.std().nan_to_num(0.1)))
+    return unet.eval()
+
+
+def use_our_timestep_embedding(monkeypatch):
+    """diffusers computes the sinusoid's frequencies as (−log 10⁴ · k) / (half − shift), we as
+    k · (−log 10⁴ / (half − shift)) (the original code's order): equal up to float32 rounding,
+    ~3e-7 in the output, which a random-weight U-Net amplifies ~3× a step along a sampling
+    chain. Chained comparisons hand diffusers our embedding (its forward is held to 1e-5 with
+    its own elsewhere)."""
+    from diffusers.models import embeddings
+
+    from fastddpm.unet import timestep_embedding
+
+    def ours(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1, scale=1,
+             max_period=10000):
+        assert (scale, max_period) == (1, 10000)
+        return timestep_embedding(timesteps, embedding_dim, flip_sin_to_cos, downscale_freq_shift)
+
+    monkeypatch.setattr(embeddings, "get_timestep_embedding", ours)

@@ -6,7 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UNet2DModel,
+)
 from diffusers.models import embeddings
 from diffusers.pipelines.ddim import pipeline_ddim
 from diffusers.pipelines.ddpm import pipeline_ddpm
@@ -135,6 +142,7 @@ def test_legacy_attention_names_load(tmp_path):
     ({"beta_schedule": "scaled_linear", "beta_start": 1e-4, "beta_end": 0.02}, "quadratic"),
     ({"beta_schedule": "squaredcos_cap_v2"}, "cosine"),
     ({"trained_betas": torch.linspace(1e-4, 0.05, 400).tolist(), "num_train_timesteps": 400}, "custom"),
+    ({"beta_schedule": "sigmoid", "beta_start": 1e-4, "beta_end": 0.03}, "custom"),  # as its betas
 ])
 def test_scheduler_config_gives_diffusers_betas(scheduler_kwargs, kind, tmp_path):
     scheduler = DDPMScheduler(**scheduler_kwargs)
@@ -339,3 +347,42 @@ def test_cli_samples_from_a_diffusers_folder_and_converts_default(tmp_path, monk
     monkeypatch.setattr(checkpoint, "default_model_path", lambda: tmp_path / "bundled.safetensors")
     assert main(["convert", "default", "-o", str(tmp_path / "model.pt")]) == 0
     _assert_same_weights(model, fastddpm.load(tmp_path / "model.pt"))
+
+
+@pytest.mark.parametrize("scheduler,sampling", [
+    (DDPMScheduler(prediction_type="v_prediction"), SamplingDefaults("fixed_small", True, "v_prediction")),
+    (DDPMScheduler(prediction_type="sample", variance_type="fixed_small_log", clip_sample=False),
+     SamplingDefaults("fixed_small", False, "sample")),  # the same σ, taken through its log
+    (DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1,
+                   set_alpha_to_one=True), SamplingDefaults("fixed_small", True, "v_prediction")),
+    (DPMSolverMultistepScheduler(solver_order=3, prediction_type="sample", use_karras_sigmas=True),
+     SamplingDefaults("fixed_small", False, "sample")),  # its solver settings are diffusers' loop's
+])
+def test_scheduler_settings_read_into_sampling_defaults(scheduler, sampling, tmp_path):
+    random_unet(SMALL_CIFAR).save_pretrained(tmp_path)
+    scheduler.save_pretrained(tmp_path)
+    model = fastddpm.load(tmp_path)
+    assert model.sampling == sampling
+    # written out as a DDPMScheduler that says the same, and read back the same
+    save_folder(model, tmp_path / "out")
+    back = DDPMScheduler.from_pretrained(tmp_path / "out")
+    assert back.config.prediction_type == sampling.prediction
+    assert fastddpm.load(tmp_path / "out").sampling == sampling
+
+
+def test_legacy_predict_epsilon_key(tmp_path):
+    """diffusers < 0.10 wrote predict_epsilon instead of prediction_type."""
+    random_unet(SMALL_CIFAR).save_pretrained(tmp_path)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "predict_epsilon": False, "tensor_format": "pt"}))
+    assert fastddpm.load(tmp_path).sampling.prediction == "sample"
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_model_files_keep_the_prediction_type(prediction, tmp_path):
+    model = _random_model(sampling=SamplingDefaults("fixed_small", False, prediction))
+    for name in ("m.pt", "m.safetensors"):
+        fastddpm.save(model, tmp_path / name)
+        assert fastddpm.load(tmp_path / name).sampling == model.sampling
+    # an ε model's file says nothing new: files read by older fastddpm stay readable
+    assert ("prediction" in model.sampling.to_dict()) == (prediction != "epsilon")

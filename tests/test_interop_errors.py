@@ -87,10 +87,21 @@ def test_missing_settings_take_diffusers_defaults():
 
 
 @pytest.mark.parametrize("scheduler,message", [
-    ({"prediction_type": "v_prediction"}, "prediction_type='v_prediction'"),
-    ({"beta_schedule": "sigmoid"}, "beta_schedule='sigmoid'"),
-    ({"variance_type": "learned_range"}, "variance_type='learned_range'"),
-    ({"thresholding": True}, "thresholding=True"),
+    ({"prediction_type": "flow_prediction"}, "prediction_type='flow_prediction'"),
+    ({"beta_schedule": "laplace"}, "beta_schedule='laplace'"),
+    ({"variance_type": "learned_range"}, "variance_type='learned_range' .*learned variance"),
+    ({"variance_type": "fixed_large_log"}, "variance_type='fixed_large_log'"),
+    ({"thresholding": True}, "thresholding=True .*per-sample quantile"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True"),
+    ({"steps_offset": 1}, "steps_offset=1"),
+    ({"timestep_spacing": "karras"}, "timestep_spacing='karras'"),
+    ({"clip_sample_range": 2.0}, "clip_sample_range=2.0"),
+    ({"set_alpha_to_one": False}, "DDPMScheduler setting 'set_alpha_to_one'"),
+    ({"_class_name": "DDIMScheduler", "set_alpha_to_one": False}, "set_alpha_to_one=False"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "use_flow_sigmas": True}, "use_flow_sigmas=True"),
+    ({"solver_order": 2}, "DDPMScheduler setting 'solver_order'"),
+    ({"beta_end": "0.02"}, "beta_end must be a number"),
+    ({"beta_end": 1.5}, "beta_end must be a number in \\(0, 1\\)"),
     ({"_class_name": "EulerDiscreteScheduler"}, "scheduler 'EulerDiscreteScheduler'"),
     ({"trained_betas": [0.1, 0.2]}, "trained_betas has 2 values, num_train_timesteps is 1000"),
 ])

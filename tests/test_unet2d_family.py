@@ -6,6 +6,7 @@ not have; together they cover every setting fastddpm reads (see FAMILY's comment
 import pytest
 import torch
 from diffusers import UNet2DModel
+from interop_models import perturbed_unet
 
 import fastddpm
 from fastddpm.interop import save_folder
@@ -40,15 +41,14 @@ FAMILY = {
 }
 
 
-def perturbed_unet(config: dict, seed: int) -> UNet2DModel:
-    """A UNet2DModel with every parameter moved off its initial value (norms start at (1, 0),
-    zero-initialised layers at 0: either would hide a swapped or missing weight)."""
-    torch.manual_seed(seed)
-    unet = UNet2DModel(**config)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(torch.randn_like(p) * (0.2 if p.ndim == 1 else 0.5 * p.std().nan_to_num(0.1)))
-    return unet.eval()
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Hundreds of tiny ops: on a busy 2-core machine a second intra-op thread spins and waits
+    (measured here: 1 s → 20 s per chain), so run them on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=list(FAMILY))

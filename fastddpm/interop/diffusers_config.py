@@ -7,8 +7,12 @@ our defaults are stored as the defaults, so the paper's networks read back as CO
 """
 from __future__ import annotations
 
-from ..errors import UserError
+import torch
+
+from ..errors import UserError, is_integer, is_number
 from ..model import SamplingDefaults
+from ..prediction import PREDICTIONS
+from ..samplers import VARIANCES
 from ..schedule import ScheduleConfig
 from ..unet import UNetConfig
 
@@ -37,9 +41,26 @@ READ_SETTINGS = {"sample_size", "in_channels", "out_channels", "block_out_channe
                  "downsample_padding", "resnet_time_scale_shift", "add_attention",
                  "mid_block_scale_factor", "center_input_sample"}
 
-# schedulers whose config describes the forward process the way DDPM does
-SCHEDULER_CLASSES = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
+# Schedulers whose config describes the forward process the way DDPM does, and every key each
+# takes (diffusers 0.42).
+_COMMON_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                "prediction_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+                "timestep_spacing", "steps_offset", "rescale_betas_zero_snr")
+SCHEDULER_KEYS = {
+    "DDPMScheduler": {*_COMMON_KEYS, "variance_type", "clip_sample", "clip_sample_range"},
+    "DDIMScheduler": {*_COMMON_KEYS, "clip_sample", "clip_sample_range", "set_alpha_to_one"},
+    # its solver settings choose diffusers' sampling loop; fastddpm's options choose ours
+    "DPMSolverMultistepScheduler": {
+        *_COMMON_KEYS, "variance_type", "solver_order", "algorithm_type", "solver_type",
+        "lower_order_final", "euler_at_final", "use_karras_sigmas", "use_exponential_sigmas",
+        "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "flow_shift", "final_sigmas_type",
+        "lambda_min_clipped", "use_dynamic_shifting", "time_shift_type"},
+}
+# keys older diffusers releases wrote: tensor_format (ignored since 0.3), predict_epsilon (< 0.10)
+LEGACY_KEYS = {"tensor_format", "predict_epsilon"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_cap_v2": "cosine"}
+# the same σ by another name: diffusers' fixed_small_log takes exp(½ log β̃)
+VARIANCE_ALIASES = {"fixed_small_log": "fixed_small"}
 
 
 def _unsupported(where: str, what: str) -> UserError:
@@ -172,40 +193,94 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     return out
 
 
+def _sigmoid_betas(steps: int, start: float, end: float) -> list[float]:
+    """diffusers' "sigmoid" schedule (GeoDiff): sigmoid over linspace(−6, 6), scaled to
+    [start, end], here in float64."""
+    x = torch.linspace(-6.0, 6.0, steps, dtype=torch.float64)
+    return (torch.sigmoid(x) * (end - start) + start).tolist()
+
+
+def _scheduler_setting(cfg: dict, key: str, default, allowed: tuple, where: str, why: str):
+    value = cfg.get(key, default)
+    if value not in allowed:
+        raise _unsupported_scheduler(where, f"{key}={value!r} ({why})")
+    return value
+
+
+def _unsupported_scheduler(where: str, what: str) -> UserError:
+    return UserError(f"{where}: {what} is not supported by fastddpm")
+
+
 def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfig, SamplingDefaults]:
     """Our schedule and sampling defaults from a scheduler_config.json dict. Missing fields take
-    diffusers' defaults; no scheduler config at all gives the paper's (our defaults)."""
+    diffusers' defaults; no scheduler config at all gives the paper's (our defaults). Every key
+    is read: what describes the model (β, prediction type, variance, clipping) is kept; a
+    sampling choice of diffusers' own loop (solver order, spacing, ...) is accepted and left to
+    fastddpm's sampling options; anything fastddpm cannot run is refused in one line."""
     if cfg is None:
         return ScheduleConfig(), SamplingDefaults()
     cls = cfg.get("_class_name")
-    if cls not in SCHEDULER_CLASSES:
-        raise _unsupported(where, f"scheduler {cls!r} (only {', '.join(SCHEDULER_CLASSES)})")
-    if cfg.get("prediction_type", "epsilon") != "epsilon":
-        raise _unsupported(where, f"prediction_type={cfg['prediction_type']!r}")
-    for key, allowed in (("thresholding", False), ("rescale_betas_zero_snr", False),
-                         ("set_alpha_to_one", True), ("steps_offset", 0)):
-        if cfg.get(key, allowed) != allowed:
-            raise _unsupported(where, f"{key}={cfg[key]!r}")
-    clip = bool(cfg.get("clip_sample", True))
-    if clip and cfg.get("clip_sample_range", 1.0) != 1.0:
-        raise _unsupported(where, f"clip_sample_range={cfg['clip_sample_range']} (x̂0 clips to [−1, 1])")
+    if cls not in SCHEDULER_KEYS:
+        raise _unsupported_scheduler(where, f"scheduler {cls!r} (only {', '.join(SCHEDULER_KEYS)})")
+    for key in cfg:
+        if not key.startswith("_") and key not in SCHEDULER_KEYS[cls] and key not in LEGACY_KEYS:
+            raise _unsupported_scheduler(where, f"{cls} setting {key!r}")
+    for key in ("use_flow_sigmas", "use_dynamic_shifting"):
+        _scheduler_setting(cfg, key, False, (False, None), where, "flow-matching models")
+    _scheduler_setting(cfg, "thresholding", False, (False,), where,
+                       "dynamic thresholding takes a per-sample quantile of x̂0 in the loop")
+    _scheduler_setting(cfg, "rescale_betas_zero_snr", False, (False,), where,
+                       "ᾱ_T = 0 leaves x̂0 undefined at t = T for ε-prediction")
+    _scheduler_setting(cfg, "set_alpha_to_one", True, (True,), where, "fastddpm's last step goes to ᾱ = 1")
+    spacing = _scheduler_setting(cfg, "timestep_spacing", "leading", ("leading", "trailing", "linspace"),
+                                 where, "fastddpm spaces leading, trailing or linspace")
+    if spacing == "leading":  # diffusers adds the offset to leading timesteps only
+        _scheduler_setting(cfg, "steps_offset", 0, (0,), where, "leading timesteps start at 0 here")
+    prediction = cfg.get("prediction_type")
+    if prediction is None:  # diffusers < 0.10 said predict_epsilon instead
+        prediction = "epsilon" if cfg.get("predict_epsilon", True) else "sample"
+    _scheduler_setting(cfg | {"prediction_type": prediction}, "prediction_type", "epsilon",
+                       PREDICTIONS, where, f"fastddpm runs {', '.join(PREDICTIONS)}")
+    clip = cfg.get("clip_sample", cls != "DPMSolverMultistepScheduler")
+    if not isinstance(clip, bool):
+        raise _unsupported_scheduler(where, f"clip_sample={clip!r} (true or false)")
+    if clip:
+        _scheduler_setting(cfg, "clip_sample_range", 1.0, (1.0,), where, "x̂0 clips to [−1, 1]")
     variance = cfg.get("variance_type") or "fixed_small"  # DDPMScheduler's default
-    if variance not in ("fixed_small", "fixed_large"):
-        raise _unsupported(where, f"variance_type={variance!r} (fixed_small or fixed_large)")
-    steps = int(cfg.get("num_train_timesteps", 1000))
-    start, end = float(cfg.get("beta_start", 0.0001)), float(cfg.get("beta_end", 0.02))
-    if cfg.get("trained_betas") is not None:  # diffusers ignores beta_schedule then, so do we
-        betas = [float(b) for b in cfg["trained_betas"]]
-        if len(betas) != steps:
-            raise UserError(f"{where}: trained_betas has {len(betas)} values, "
+    variance = VARIANCE_ALIASES.get(variance, variance)
+    if variance in ("learned", "learned_range"):
+        raise _unsupported_scheduler(where, f"variance_type={variance!r} (a learned variance; "
+                                            "fastddpm runs fixed_small or fixed_large)")
+    if variance not in VARIANCES:
+        raise _unsupported_scheduler(where, f"variance_type={variance!r} (fixed_small or fixed_large)")
+
+    steps = cfg.get("num_train_timesteps", 1000)
+    start, end = cfg.get("beta_start", 0.0001), cfg.get("beta_end", 0.02)
+    for key, value in (("num_train_timesteps", steps), ("beta_start", start), ("beta_end", end)):
+        if not is_number(value) or (key == "num_train_timesteps" and not is_integer(value)):
+            raise UserError(f"{where}: {key} must be a number, got {value!r}")
+    start, end = float(start), float(end)
+    trained = cfg.get("trained_betas")
+    name = cfg.get("beta_schedule", "linear")
+    if trained is not None:  # diffusers ignores beta_schedule then, so do we
+        if not isinstance(trained, list) or not all(map(is_number, trained)):
+            raise UserError(f"{where}: trained_betas must be a list of numbers")
+        if len(trained) != steps:
+            raise UserError(f"{where}: trained_betas has {len(trained)} values, "
                             f"num_train_timesteps is {steps}")
-        schedule = ScheduleConfig("custom", steps, start, end, betas)
-    else:
-        name = cfg.get("beta_schedule", "linear")
-        if name not in BETA_SCHEDULES:
-            raise _unsupported(where, f"beta_schedule={name!r} (only {', '.join(BETA_SCHEDULES)})")
+        schedule = ScheduleConfig("custom", steps, start, end, [float(b) for b in trained])
+    elif name == "sigmoid":
+        schedule = ScheduleConfig("custom", steps, start, end, _sigmoid_betas(steps, start, end))
+    elif name in BETA_SCHEDULES:
         schedule = ScheduleConfig(BETA_SCHEDULES[name], steps, start, end)
-    return schedule, SamplingDefaults(variance, clip)
+    else:
+        raise _unsupported_scheduler(where, f"beta_schedule={name!r} (only "
+                                            f"{', '.join([*BETA_SCHEDULES, 'sigmoid'])})")
+    try:
+        schedule.validate()
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return schedule, SamplingDefaults(variance, clip, prediction=prediction)
 
 
 def schedule_to_diffusers(schedule: ScheduleConfig, sampling: SamplingDefaults) -> dict:
@@ -225,7 +300,7 @@ def schedule_to_diffusers(schedule: ScheduleConfig, sampling: SamplingDefaults) 
         "variance_type": sampling.variance,
         "clip_sample": sampling.clip,
         "clip_sample_range": 1.0,
-        "prediction_type": "epsilon",
+        "prediction_type": sampling.prediction,
         "thresholding": False,
         "timestep_spacing": "leading",
         "steps_offset": 0,

@@ -1,0 +1,86 @@
+"""What the network predicts — ε, x0 or v — and the sampler table rewritten for it.
+
+diffusers' names: "epsilon" (the paper's ε-prediction), "sample" (x0 itself) and "v_prediction"
+(v = √ᾱ_t ε − √(1−ᾱ_t) x0, Salimans & Ho 2022). For every one of them the true noise is linear
+in (x_t, model output m):
+
+    ε = q_x · x_t + q_m · m
+        epsilon:  q_x = 0,              q_m = 1
+        sample:   q_x = 1/√(1−ᾱ_t),    q_m = −√ᾱ_t/√(1−ᾱ_t)      (x_t = √ᾱ x0 + √(1−ᾱ) ε)
+        v:        q_x = √(1−ᾱ_t),      q_m = √ᾱ_t                 (x0 = √ᾱ x_t − √(1−ᾱ) v)
+
+so substituting it into a table built for ε (fastddpm/samplers.py: x̂0 = c_x x_t − c_e ε and the
+c·ε term of x_prev) leaves a table of the same form in m: the kernel, the ONNX step graph and the
+C++ sampler run every prediction type unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from .errors import UserError
+from .samplers import COEF_FIELDS, SamplerTable
+
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+
+
+def check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise UserError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+
+def noise_coefficients(prediction: str, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_x, q_m) with ε = q_x · x_t + q_m · m, float64, shaped like `alphas_cumprod` (ᾱ at each t)."""
+    check_prediction(prediction)
+    ac = alphas_cumprod.to(torch.float64)
+    if prediction == "epsilon":
+        return torch.zeros_like(ac), torch.ones_like(ac)
+    if prediction == "sample":
+        return (1.0 - ac).rsqrt(), -(ac / (1.0 - ac)).sqrt()
+    return (1.0 - ac).sqrt(), ac.sqrt()
+
+
+def for_prediction(table: SamplerTable, alphas_cumprod: torch.Tensor, prediction: str) -> SamplerTable:
+    """`table` (built for ε) for a model that predicts `prediction`; alphas_cumprod: ᾱ (T,) of
+    the schedule. x̂0 = (c_x − c_e q_x) x_t − (c_e q_m) m and c·ε = c q_x x_t + c q_m m."""
+    if prediction == "epsilon":
+        check_prediction(prediction)
+        return table
+    q_x, q_m = noise_coefficients(prediction, alphas_cumprod[table.timesteps])
+    coef = table.coef.clone()
+    c_x, c_e, b, c = (COEF_FIELDS.index(name) for name in ("c_x", "c_e", "b", "c"))
+    coef[:, c_x] = table.coef[:, c_x] - table.coef[:, c_e] * q_x
+    coef[:, c_e] = table.coef[:, c_e] * q_m
+    coef[:, b] = table.coef[:, b] + table.coef[:, c] * q_x
+    coef[:, c] = table.coef[:, c] * q_m
+    return dataclasses.replace(table, coef=coef)
+
+
+def to_epsilon(output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod_t: torch.Tensor,
+               prediction: str) -> torch.Tensor:
+    """The ε a model's output implies. output, x_t: (B, ...); alphas_cumprod_t: ᾱ at each
+    sample's t, (B,). In x_t's dtype (float64 for the likelihood's float64 terms)."""
+    if prediction == "epsilon":
+        return output
+    q_x, q_m = noise_coefficients(prediction, alphas_cumprod_t)
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    q_x, q_m = q_x.to(x_t.device, x_t.dtype).view(shape), q_m.to(x_t.device, x_t.dtype).view(shape)
+    return q_x * x_t + q_m * output.to(x_t.dtype)
+
+
+def epsilon_denoiser(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     alphas_cumprod: torch.Tensor, prediction: str
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`denoise(x_t, t)` turned into the ε it implies (float64 then, so that a likelihood's
+    x̂0 recovered from that ε keeps the network's own digits); alphas_cumprod: ᾱ (T,)."""
+    check_prediction(prediction)
+    if prediction == "epsilon":
+        return denoise
+
+    def epsilon(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ac_t = alphas_cumprod.to(t.device)[t]
+        return to_epsilon(denoise(x_t, t).double(), x_t.double(), ac_t, prediction)
+
+    return epsilon
