@@ -95,7 +95,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, execution: bool = True) -
     d = SamplingOptions()
     g = p.add_argument_group("sampling")
     g.add_argument("--sampler", default=d.sampler, choices=list(SAMPLERS),
-                   help="ddpm: the paper's ancestral sampler; ddim; dpm++: DPM-Solver++(2M) "
+                   help="ddpm: the paper's ancestral sampler; ddim; dpm++, dpm++3m: DPM-Solver++(2M), "
+                        "(3M); unipc, unipc3: UniPC of order 2, 3 (B(h) = e^h − 1; -bh1: B(h) = h); "
+                        "multistep solvers run at lower order where fewer steps exist "
                         "(default: %(default)s)")
     g.add_argument("--steps", type=int, default=d.steps,
                    help="sampling steps = ε evaluations (default: the model's T)")
