@@ -29,6 +29,7 @@ import torch
 
 from fastddpm import kernels
 from fastddpm.dtypes import DTYPES
+from fastddpm.samplers import COEF_FIELDS
 from fastddpm.unet import CONFIGS, UNet, UNetConfig
 
 try:
@@ -40,7 +41,7 @@ try:
 
     from .group_norm_silu import group_norm_silu_launch, group_norm_silu_reference
     from .launch import Launch
-    from .reverse_step import reverse_step_launch
+    from .reverse_step import new_history, reverse_step_launch
 except ImportError as missing:
     if __name__ == "__main__":
         sys.exit(f"compile_report needs Triton with its NVIDIA backend ({missing.name} is missing); "
@@ -142,11 +143,15 @@ def runtime_launches(config: UNetConfig, dtype: torch.dtype) -> list[tuple[str, 
         launches.append((name, group_norm_silu_launch(x, weight, bias, groups, 1e-6, bias_nc, silu,
                                                       torch.empty_like(x))))
     x = torch.empty(1, config.out_channels, config.image_size, config.image_size, dtype=dtype)
-    coef, step, rng = torch.empty(8, 7), torch.empty(1, dtype=torch.int64), torch.empty(2, dtype=torch.int64)
-    for name, x0_prev, clip in [("reverse_step ddpm (clip)", None, True), ("reverse_step ddim", None, False),
-                                ("reverse_step dpm++ (x̂0_prev)", torch.empty_like(x), False)]:
-        launches.append((name, reverse_step_launch(x, torch.empty_like(x), coef, step, rng, x0_prev,
-                                                   torch.empty_like(x), torch.empty_like(x), clip)))
+    coef = torch.empty(8, len(COEF_FIELDS))
+    step, rng = torch.empty(1, dtype=torch.int64), torch.empty(2, dtype=torch.int64)
+    for name, slots, clip in [("reverse_step ddpm (clip)", 0, True), ("reverse_step ddim", 0, False),
+                              ("reverse_step dpm++ (x̂0 ring of 1)", 1, False),
+                              ("reverse_step unipc3 (x̂0 ring of 3)", 3, False)]:
+        ring = new_history(x, slots) if slots else None
+        x0_out = None if slots else torch.empty_like(x)  # the runtime's: x̂0 in the ring or nowhere
+        launches.append((name, reverse_step_launch(x, torch.empty_like(x), coef, step, rng, ring,
+                                                   torch.empty_like(x), x0_out, clip)))
     return launches
 
 
