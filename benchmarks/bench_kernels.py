@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fastddpm import kernels
 from fastddpm.dtypes import DTYPES as ALL_DTYPES
-from fastddpm.samplers import ddim_table, ddpm_table
+from fastddpm.samplers import ddim_table, ddpm_table, make_table
 from fastddpm.schedule import Schedule, ScheduleConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -122,7 +122,7 @@ def test_group_norm_silu(benchmark, copy_gbps, channels, size, batch, dtype, lay
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "unipc3"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("channels,size", STEP_SHAPES, ids=lambda v: str(v))
@@ -130,36 +130,45 @@ def test_group_norm_silu(benchmark, copy_gbps, channels, size, batch, dtype, lay
 def test_reverse_step(benchmark, copy_gbps, channels, size, batch, dtype, sampler, impl):
     """A step with clipping and x̂0 written: DDPM draws noise (σ > 0), DDIM (η = 0) does not, so
     the pair shows what the in-kernel Philox costs (one draw per four elements) against the 8 to
-    16 bytes each element moves — whether the noisy fp16 step stays memory-bound."""
+    16 bytes each element moves — whether the noisy fp16 step stays memory-bound. UniPC-3 (20
+    steps, a middle one) reads three x̂0's of earlier steps from its ring and writes its own there:
+    the multistep solvers' extra traffic."""
     benchmark.group = f"reverse_step {channels}×{size}² b{batch} {dtype} {sampler}"
     _skip_compile_off_target(impl, batch)
     schedule = Schedule(ScheduleConfig("linear", 1000))
     # the tables a sampler of the CIFAR-10 model builds: clipped, DDPM's σ² = β, DDIM's η = 0
     if sampler == "ddpm":
         table = ddpm_table(schedule, 1000, variance="fixed_large", clip=True)
-    else:
+    elif sampler == "ddim":
         table = ddim_table(schedule, 1000, clip=True)
+    else:
+        table = make_table(schedule, sampler, 20, "trailing", clip=True)
     coef = table.coef.to("cuda", torch.float32)
     g = torch.Generator(device="cuda").manual_seed(0)
     x, eps = (torch.randn(batch, channels, size, size, device="cuda", dtype=DTYPES[dtype],
                           generator=g) for _ in range(2))
     step = torch.tensor([10], device="cuda")
     rng = torch.tensor([0, 0], device="cuda")
-    out, x0 = torch.empty_like(x), torch.empty_like(x)
+    out = torch.empty_like(x)
+    ring = kernels.new_history(x, table.history).normal_() if table.history else None
+    x0 = torch.empty_like(x) if ring is None else None  # with a ring, x̂0 goes there
     if impl == "fused":
         def fn():
-            kernels.reverse_step(x, eps, coef, step, rng, None, True, out=out, x0_out=x0)
+            kernels.reverse_step(x, eps, coef, step, rng, ring, True, out=out, x0_out=x0,
+                                 return_x0=False)
     else:  # what a scheduler does unfused: draw z, then the update as separate torch ops
         row = coef[10]
+        past = None if ring is None else list(ring)
 
         def unfused(x, eps):
             z = torch.randn_like(x) if sampler == "ddpm" else None
-            return kernels.reverse_step_reference(x, eps, row, z, None, True)
+            return kernels.reverse_step_reference(x, eps, row, z, past, True)
 
         op = _compiled(unfused) if impl == "compile" else unfused
 
         def fn():
             return op(x, eps)
-    nbytes = 4 * x.numel() * x.element_size()  # read x, ε; write x_prev, x̂0
+    # read x, ε (and the ring's slots); write x_prev, x̂0
+    nbytes = (4 + table.history) * x.numel() * x.element_size()
     _record(benchmark, fn, nbytes, copy_gbps, kernel="reverse_step", impl=impl,
             shape=list(x.shape), dtype=dtype, sampler=sampler)
