@@ -67,6 +67,8 @@ def _refused(path, message):
     ({"attn_norm_num_groups": 5}, "divisible by mid_attn_groups=5"),
     ({"norm_num_groups": None}, "norm_num_groups=None"),
     ({"mid_block_scale_factor": 0}, "mid_scale must be a number"),
+    ({"mid_block_scale_factor": "1"}, "mid_block_scale_factor must be a number, got '1'"),
+    ({"attention_head_dim": [8, 8, 8, 8]}, "attention_head_dim must be null or an integer"),
     ({"num_class_embeds": 10}, "num_class_embeds=10"),
     ({"act_fn": "gelu"}, "act_fn='gelu'"),
     ({"sample_size": [32, 64]}, "non-square sample_size"),

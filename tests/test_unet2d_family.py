@@ -95,3 +95,36 @@ def test_the_papers_configs_keep_their_parameter_counts():
     counts = {name: sum(p.numel() for p in UNet(cfg).parameters()) for name, cfg in CONFIGS.items()
               if name != "digits"}
     assert counts == {"cifar10": 35_746_307, "ddpm-256": 113_673_219}
+
+
+@pytest.mark.slow  # two ONNX exports (one by the onnxruntime backend) and an OpenVINO conversion
+def test_backends_and_onnx_graphs_run_the_family(tmp_path, monkeypatch):
+    """On the member with the most settings (scale-shift norms, a normed middle attention,
+    centred input, a wider time embedding, multi-head attention): onnxruntime and openvino run
+    the same network as torch, and the ONNX step graph exports with a v-prediction table —
+    export runs it with ONNX Runtime against PyTorch (ε and step) and writes nothing when they
+    differ."""
+    name = "scale-shift-mid-norm"
+    import onnx
+    from diffusers import DDPMScheduler
+
+    from fastddpm.backends import make_denoiser
+    from fastddpm.export.onnx import OnnxOptions, export_onnx, read_metadata
+    from fastddpm.options import SamplingOptions
+
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path / "cache"))
+    perturbed_unet({**BASE, **FAMILY[name]}, seed=3).save_pretrained(tmp_path / "m")
+    DDPMScheduler(prediction_type="v_prediction").save_pretrained(tmp_path / "m")
+    model = fastddpm.load(tmp_path / "m")
+    x, t = _inputs()
+    with torch.no_grad():
+        want = model.unet(x, t)
+    for backend in ("onnxruntime", "openvino"):
+        got = make_denoiser(model, backend, torch.device("cpu"), torch.float32)(x, t)
+        assert (got - want).abs().max().item() <= 1e-4, backend
+
+    options = OnnxOptions(what="step", sampling=SamplingOptions(sampler="ddim", steps=4, backend="torch"))
+    paths = export_onnx(model, tmp_path / "m.onnx", options, log=None)
+    step = read_metadata(onnx.load(paths["step"], load_external_data=False))
+    assert step["sampling"]["prediction"] == "v_prediction"
+    assert step["unet"] == model.config.to_dict()

@@ -75,6 +75,13 @@ def _choice(cfg: dict, key: str, default, allowed: tuple, where: str):
     return value
 
 
+def _number(cfg: dict, key: str, default: float, where: str) -> float:
+    value = cfg.get(key, default)
+    if not is_number(value):
+        raise UserError(f"{where}: {key} must be a number, got {value!r}")
+    return float(value)
+
+
 def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     """Our UNetConfig from a diffusers UNet2DModel config.json dict (diffusers' defaults for
     missing keys)."""
@@ -133,8 +140,8 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     # values that say what our defaults say are stored as the defaults (see the module docstring)
     attended = {widths[i] for i in attn_levels} | ({widths[-1]} if mid_attention else set())
     head_dim = cfg.get("attention_head_dim", 8)
-    if head_dim is not None and attended <= {head_dim}:
-        head_dim = None  # one head everywhere
+    if is_integer(head_dim) and attended <= {head_dim}:
+        head_dim = None  # one head everywhere (anything but an integer: validate() names it)
     temb = cfg.get("time_embedding_dim")
     mid_groups = cfg.get("attn_norm_num_groups")
     if mid_groups == groups and not scale_shift:
@@ -144,12 +151,13 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         channel_mult=tuple(w // base for w in widths),
         num_res_blocks=cfg.get("layers_per_block", 2),
         attn_resolutions=tuple(size // 2**i for i in attn_levels),
-        dropout=float(cfg.get("dropout", 0.0)), groups=groups, eps=float(cfg.get("norm_eps", 1e-5)),
+        dropout=_number(cfg, "dropout", 0.0, where), groups=groups,
+        eps=_number(cfg, "norm_eps", 1e-5, where),
         flip_sin_to_cos=_choice(cfg, "flip_sin_to_cos", True, (True, False), where),
         freq_shift=cfg.get("freq_shift", 0),
         downsample_padding=_choice(cfg, "downsample_padding", 1, (0, 1), where),
         attention_head_dim=head_dim, time_scale_shift=scale_shift, mid_attention=mid_attention,
-        mid_attn_groups=mid_groups, mid_scale=float(cfg.get("mid_block_scale_factor", 1.0)),
+        mid_attn_groups=mid_groups, mid_scale=_number(cfg, "mid_block_scale_factor", 1.0, where),
         temb_channels=None if temb == 4 * base else temb,
         center_input=_choice(cfg, "center_input_sample", False, (False, True), where))
     try:
@@ -247,6 +255,8 @@ def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfi
     if clip:
         _scheduler_setting(cfg, "clip_sample_range", 1.0, (1.0,), where, "x̂0 clips to [−1, 1]")
     variance = cfg.get("variance_type") or "fixed_small"  # DDPMScheduler's default
+    if not isinstance(variance, str):
+        raise _unsupported_scheduler(where, f"variance_type={variance!r} (fixed_small or fixed_large)")
     variance = VARIANCE_ALIASES.get(variance, variance)
     if variance in ("learned", "learned_range"):
         raise _unsupported_scheduler(where, f"variance_type={variance!r} (a learned variance; "
