@@ -40,8 +40,10 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        """Tear the process group down (call while this object, and so its work, is alive)."""
-        dist.destroy_process_group()
+        """Tear the process group down (call while this object, and so its work, is alive); a
+        one-process run has none."""
+        if self.world > 1:
+            dist.destroy_process_group()
 
     def all_reduce_min(self, t: torch.Tensor) -> None:
         work = dist.all_reduce(t, op=dist.ReduceOp.MIN, async_op=True)

@@ -17,7 +17,6 @@ Every rank must see the output's folder: across nodes it lies on a shared filesy
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from . import images
+from .digest import state_digest
 from .distributed import Distributed
 from .errors import UserError
 from .files import atomic_write
@@ -49,14 +49,9 @@ def work_folder(out: str | Path) -> Path:
 def model_hash(model: DiffusionModel) -> str:
     """sha256 of the model's configuration and weights (names, dtypes, shapes, bytes): what the
     images depend on, whatever file or folder the model was read from."""
-    h = hashlib.sha256()
-    h.update(json.dumps([model.config.to_dict(), model.schedule.config.to_dict(),
-                         model.sampling.to_dict()], sort_keys=True).encode())
-    for name, value in sorted(model.unet.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    config = json.dumps([model.config.to_dict(), model.schedule.config.to_dict(),
+                         model.sampling.to_dict()], sort_keys=True)
+    return state_digest(model.unet.state_dict(), config.encode())
 
 
 def job_identity(model: DiffusionModel, num: int, seed: int, options: SamplingOptions,
