@@ -45,7 +45,8 @@ class SamplerTable:
     @property
     def history(self) -> int:
         """How many earlier x̂0's a step reads: the last d_k column with a nonzero entry."""
-        used = (self.coef[:, 5:5 + HISTORY] != 0).any(dim=0).nonzero()
+        first = COEF_FIELDS.index("d1")
+        used = (self.coef[:, first:first + HISTORY] != 0).any(dim=0).nonzero()
         return int(used.max()) + 1 if len(used) else 0
 
 
