@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import math
 import os
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import checkpoint, data, images
 from .distributed import init_distributed
 from .dtypes import DTYPES
-from .errors import UserError
+from .errors import UserError, is_integer, is_number
 from .files import atomic_write, read_torch_file
 from .model import DiffusionModel, SamplingDefaults
 from .runtime import sample
@@ -35,6 +35,12 @@ from .schedule import Schedule, ScheduleConfig
 from .unet import UNet, UNetConfig, named_config
 
 PRECISIONS = tuple(DTYPES)  # autocast to this dtype; fp32: no autocast
+# What a resumed run may change: how long it runs, where, and how often it reports and saves.
+# Every other field shapes the numbers a straight run would have produced.
+MAY_CHANGE_ON_RESUME = frozenset({"out", "resume", "steps", "device", "sample_every", "save_every",
+                                  "log_every"})
+# the U-Net's: checked against the stored config, not the stored flags
+ARCHITECTURE_FIELDS = frozenset({"config", "unet_json", "dropout"})
 STATE_FORMAT = "fastddpm-train-state"
 HELDOUT_PAIRS = 512  # (x0, t, ε) triples of the held-out loss, drawn once per run
 HELDOUT_SEED = 1234
@@ -86,21 +92,49 @@ def _unet_config(cfg: TrainConfig, stored: dict | None) -> UNetConfig:
 
 
 def _check(cfg: TrainConfig) -> None:
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
     for name in ("steps", "batch_size", "save_every", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.warmup < 0 or cfg.sample_every < 0:
-        raise UserError("--warmup and --sample-every must be ≥ 0")
-    if not 0.0 <= cfg.ema_decay < 1.0:
+        value = getattr(cfg, name)
+        if not is_integer(value) or value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ("warmup", "sample_every", "seed"):
+        value = getattr(cfg, name)
+        if not is_integer(value) or value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be an integer ≥ 0, got {value!r}")
+    # `not x > 0` and the like: NaN fails every comparison, so a plain `x <= 0` lets it through
+    if not is_number(cfg.lr) or not cfg.lr > 0:
+        raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if not is_number(cfg.ema_decay) or not 0.0 <= cfg.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.grad_clip <= 0:
-        raise UserError(f"--grad-clip must be positive, got {cfg.grad_clip}")
+    if not is_number(cfg.grad_clip) or not cfg.grad_clip > 0:
+        raise UserError(f"--grad-clip must be a positive number, got {cfg.grad_clip}")
+    if cfg.dropout is not None and (not is_number(cfg.dropout) or not 0.0 <= cfg.dropout < 1.0):
+        raise UserError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.precision not in PRECISIONS:
         raise UserError(f"unknown precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if cfg.config:
         named_config(cfg.config)  # an unknown name fails before the run folder is made
+
+
+def _resumed_config(cfg: TrainConfig, state: dict, given: Collection[str] | None) -> TrainConfig:
+    """The config of a resumed run: the stored run's, with the fields in `given` (all of them
+    when None) as `cfg` has them. A field that shapes the numbers may not change — the run would
+    no longer be the one it continues — and is refused in one line; the architecture fields are
+    checked against the stored U-Net (_unet_config)."""
+    try:
+        stored = json.loads(state["train_config"])
+        stored = {k: v for k, v in stored.items() if k in TrainConfig.__dataclass_fields__}
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{cfg.out}/state.pt holds no readable training config; start a new --out") from None
+    current = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, like the stored JSON
+    taken = set(current) if given is None else set(given) | {"out", "resume"}
+    merged = {**stored, **{k: current[k] for k in taken | ARCHITECTURE_FIELDS}}
+    changed = sorted(k for k in merged if k not in MAY_CHANGE_ON_RESUME | ARCHITECTURE_FIELDS
+                     and k in stored and merged[k] != stored[k])
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {stored[k]} (now {merged[k]})" for k in changed)
+        raise UserError(f"{cfg.out} was trained with {flags}; a resumed run keeps its "
+                        "hyper-parameters: drop the changed flags, or train into a new --out")
+    return TrainConfig(**merged)
 
 
 def _check_run_folder(out: Path, resume: bool) -> None:
@@ -132,7 +166,15 @@ def _load_state(path: Path) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, given: Collection[str] | None = None):
+        """`given`: with `cfg.resume`, the fields the caller set (a command line's flags); the
+        others are the resumed run's. None: all of `cfg` is as the caller wants it."""
+        # every check that can fail runs before anything is written
+        self.out = Path(cfg.out)
+        _check_run_folder(self.out, cfg.resume)
+        resumed = _load_state(self.out / "state.pt") if cfg.resume else None
+        if resumed:
+            cfg = _resumed_config(cfg, resumed, given)
         _check(cfg)
         self.cfg = cfg
         from .backends import resolve_device
@@ -145,10 +187,6 @@ class Trainer:
         self.device = device
         if cfg.precision == "fp16" and device.type != "cuda":
             raise UserError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
-        # every check that can fail runs before anything is written
-        self.out = Path(cfg.out)
-        _check_run_folder(self.out, cfg.resume)
-        resumed = _load_state(self.out / "state.pt") if cfg.resume else None
         unet_cfg = _unet_config(cfg, resumed["unet"] if resumed else None)
         schedule_cfg = ScheduleConfig.from_dict(resumed["schedule"] if resumed else cfg.schedule)
         self.schedule = Schedule(schedule_cfg)
@@ -292,6 +330,8 @@ class Trainer:
 
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.dist.main, unit="it",
                    desc="training")
+        if self.dist.main:
+            _truncate_log(self.out / "log.jsonl", self.step)
         log = open(self.out / "log.jsonl", "a") if self.dist.main else None
         start, start_step = time.perf_counter(), self.step
         try:
@@ -326,6 +366,23 @@ class Trainer:
                 # latest collectives' work (see Distributed), not in whatever order comes later
                 self.model = self.unet
                 gc.collect()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log's records up to `step`, atomically: a run resumed from a checkpoint older
+    than the log's end (killed after logging past its last save) logs those steps again, and a
+    straight run has each step once; a fresh run (step 0) starts it empty."""
+    kept = []
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill, or bytes that are not text
+                continue
+            if isinstance(record, dict) and is_integer(record.get("step")) and record["step"] <= step:
+                kept.append(line + b"\n")
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(b"".join(kept))
 
 
 def heldout_triples(images: torch.Tensor, schedule: Schedule,

@@ -113,6 +113,14 @@ def test_killed_during_a_save_keeps_the_last_checkpoint_and_resumes_exactly(tmp_
     assert a["step"] == b["step"] == 9
     for key, value in a["ema_state"].items():
         assert torch.equal(value, b["ema_state"][key]), key
+    # the log as the straight run's: step 6 was logged before the kill, and once only after it
+    assert _log(out, "step", "loss", "heldout_loss") == _log(tmp_path / "straight", "step", "loss",
+                                                             "heldout_loss")
+
+
+def _log(out, *keys):
+    return [{k: r.get(k) for k in keys}
+            for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
 
 
 @pytest.mark.slow
@@ -225,3 +233,70 @@ def test_trains_on_cuda_in_every_precision(tmp_path, unet_json, precision):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.unet.parameters())
     assert _states(out)["step"] == 4
     _assert_grid_of(out / "samples" / "step_0000004.png", model, "cuda", max_levels=1)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--grad-clip", "nan"), ("--grad-clip", "inf"), ("--grad-clip", "-1"), ("--grad-clip", "0"),
+    ("--lr", "nan"), ("--lr", "inf"), ("--ema-decay", "nan"), ("--ema-decay", "1"),
+    ("--dropout", "nan"), ("--dropout", "-0.1"), ("--warmup", "-1"), ("--seed", "-3"),
+    ("--log-every", "0"), ("--sample-every", "-1"),
+])
+def test_non_finite_or_negative_hyper_parameters_are_refused_before_the_run_folder(
+        tmp_path, unet_json, capsys, flag, value):
+    out = tmp_path / "run"
+    code, err = _cli(capsys, "--out", str(out), "--unet-json", unet_json, "--steps", "2",
+                     "--device", "cpu", f"{flag}={value}")
+    assert code == 2 and flag in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_resume_takes_the_runs_values_and_refuses_changed_ones(tmp_path, unet_json, capsys):
+    out = tmp_path / "run"
+    first = ["--out", str(out), "--unet-json", unet_json, "--steps", "2", "--batch-size", "4",
+             "--lr", "3e-3", "--grad-clip", "0.5", "--save-every", "2", "--sample-every", "0",
+             "--seed", "5", "--device", "cpu"]
+    assert _cli(capsys, *first)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for flag, changed in (("--lr", ["--lr", "1e-3"]), ("--grad-clip", ["--grad-clip", "1"]),
+                          ("--seed", ["--seed", "6"]), ("--batch-size", ["--batch-size", "8"]),
+                          ("--flip", ["--flip"]),
+                          ("--ema-decay", ["--data", "digits", "--ema-decay", "0.5"])):
+        code, err = _cli(capsys, "--out", str(out), "--resume", "--steps", "4", *changed)
+        assert code == 2 and err.count("\n") == 1 and "keeps its hyper-parameters" in err, (changed, err)
+        assert flag in err and "--data" not in err  # the flag that changed is named, alone
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # flags left out are the run's own (a default lr, grad clip, seed would change the run)
+    code, err = _cli(capsys, "--out", str(out), "--resume", "--steps", "4", "--log-every", "1")
+    assert code == 0, err
+    stored = json.loads(_states(out)["train_config"])
+    assert (stored["lr"], stored["grad_clip"], stored["seed"], stored["steps"]) == (3e-3, 0.5, 5, 4)
+    # and it is the run a straight one would be
+    straight = tmp_path / "straight"
+    assert _cli(capsys, "--out", str(straight), *first[2:4], "--steps", "4", *first[6:])[0] == 0
+    for key, value in _states(straight)["ema_state"].items():
+        assert torch.equal(value, _states(out)["ema_state"][key]), key
+
+
+def test_resume_from_a_checkpoint_older_than_the_log_logs_each_step_once(tmp_path, unet_json):
+    """Killed after logging past its last save: the resumed run's log is the straight run's."""
+    Trainer(_config(tmp_path / "straight", unet_json)).run()
+    out = tmp_path / "split"
+    Trainer(_config(out, unet_json, steps=3)).run()
+    saved_at_3 = (out / "state.pt").read_bytes()
+    Trainer(_config(out, None, steps=5, resume=True)).run()  # logs 4 and 5, saves at 5 ...
+    (out / "state.pt").write_bytes(saved_at_3)  # ... which the kill lost
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 0.1')  # and a line the kill cut short
+    Trainer(_config(out, None, steps=6, resume=True)).run()
+    assert _log(out, "step", "loss", "heldout_loss") == _log(tmp_path / "straight", "step", "loss",
+                                                             "heldout_loss")
+    assert [r["step"] for r in _log(out, "step")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_fresh_run_starts_its_log_empty(tmp_path, unet_json):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # a run killed before its first save
+    Trainer(_config(out, unet_json, steps=2)).run()
+    assert [r["step"] for r in _log(out, "step")] == [1, 2]
+    assert _log(out, "loss")[0]["loss"] != 9.0
