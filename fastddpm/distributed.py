@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass
 class Distributed:
@@ -104,7 +106,13 @@ def init_distributed(device_type: str) -> Distributed:
 
 def rank_device(requested: str | None) -> str | None:
     """The device of this rank: under torchrun, `cuda` (or no choice, on a machine with GPUs)
-    means the GPU numbered LOCAL_RANK, one GPU per rank; anything else is taken as given."""
-    if launched_world() > 1 and requested in (None, "cuda") and torch.cuda.is_available():
+    means the GPU numbered LOCAL_RANK, one GPU per rank; `cpu` stays the CPU. A numbered GPU is
+    refused there: every rank would share it."""
+    if launched_world() == 1:
+        return requested
+    if requested is not None and requested.startswith("cuda:"):
+        raise UserError(f"under torchrun each rank takes the GPU numbered LOCAL_RANK; pass --device "
+                        f"cuda (or nothing), not {requested}, and choose GPUs with CUDA_VISIBLE_DEVICES")
+    if requested in (None, "cuda") and torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return requested

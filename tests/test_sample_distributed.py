@@ -12,7 +12,7 @@ import torch
 from fastddpm import shards
 from fastddpm.checkpoint import load
 from fastddpm.cli import main
-from fastddpm.distributed import Distributed
+from fastddpm.distributed import Distributed, rank_device
 from fastddpm.errors import UserError
 from fastddpm.options import SamplingOptions
 
@@ -20,7 +20,7 @@ from fastddpm.options import SamplingOptions
 # 1 and 3 — uneven rounds and a short last shard
 NUM, BATCH = 10, 3
 SAMPLING = ["--sampler", "ddim", "--steps", "4", "--batch-size", str(BATCH), "--seed", "5",
-            "--device", "cpu"]
+            "--device", "cpu", "--backend", "torch"]
 
 # torchrun runs this instead of `-m fastddpm` to kill rank 1 right after its first shard is on
 # disk, leaving a half-written temp file of its next one, as a kill in the middle of a write does
@@ -97,7 +97,7 @@ def test_a_killed_rank_resumes_to_the_same_folder(tmp_path, tiny_model_file, one
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "unfinished sharded run" in err and not out.exists()
     # nor can the same layout with another seed (the manifest records the job)
-    options = SamplingOptions(sampler="ddim", steps=4, batch_size=BATCH, device="cpu")
+    options = SamplingOptions(sampler="ddim", steps=4, batch_size=BATCH, device="cpu", backend="torch")
     with pytest.raises(UserError, match=r"seed 5 → 6.*world 2 → 1"):
         shards.sample_to(f"{out}/", load(model), NUM, 6, options, Distributed(), progress=False)
     assert work.is_dir() and len(list(work.glob("shard-*"))) == 2
@@ -111,3 +111,14 @@ def test_a_killed_rank_resumes_to_the_same_folder(tmp_path, tiny_model_file, one
     assert names == [f"{k:06d}.png" for k in range(NUM)]  # none missing, none twice
     for name in names:
         assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    """Every rank would draw on the same GPU: each takes LOCAL_RANK's instead."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="LOCAL_RANK; pass --device cuda"):
+        rank_device("cuda:0")
+    assert rank_device("cpu") == "cpu"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert rank_device("cuda:0") == "cuda:0"  # one process: as given
