@@ -118,21 +118,25 @@ def draw(runner: Sampler, seed: int, first: int, n: int) -> np.ndarray:
 
 
 def in_rounds(todo: list, ctx: Distributed, work: Callable[[object], int],
-              on_round: Callable[[int], None]) -> None:
+              on_round: Callable[[int], None]) -> int:
     """Run `work(item)` for each of this rank's `todo` in lock-step rounds (ranks with fewer
     items idle through the last ones) and tell `on_round` how much all ranks did in each:
-    what lets rank 0 show the whole job's progress."""
+    what lets rank 0 show the whole job's progress. Returns what all ranks did in all."""
     rounds = int(ctx.all_reduce_max(torch.tensor([len(todo)], dtype=torch.int64)).item())
+    total = 0
     for i in range(rounds):
         done = work(todo[i]) if i < len(todo) else 0
-        on_round(int(ctx.all_reduce_sum(torch.tensor([done], dtype=torch.int64)).item()))
+        done = int(ctx.all_reduce_sum(torch.tensor([done], dtype=torch.int64)).item())
+        on_round(done)
+        total += done
+    return total
 
 
 def sample_to(out: str | Path, model: DiffusionModel, num: int, seed: int,
               options: SamplingOptions, ctx: Distributed, progress: bool = True) -> int:
     """Draw `num` images of `seed` across the job's ranks into `out` (.npz, .png or DIR/),
     resuming from the shards a previous run of the same job left. Returns the number of
-    images this run drew (all ranks)."""
+    images this run drew, all ranks together (the job's missing ones, each once)."""
     folder = work_folder(out)
     identity = job_identity(model, num, seed, options, ctx.world)
     refusal = ctx.broadcast_from_main(_prepare(folder, identity) if ctx.main else None)
@@ -159,7 +163,7 @@ def sample_to(out: str | Path, model: DiffusionModel, num: int, seed: int,
                 np.save(f, arr, allow_pickle=False)
         return n
 
-    in_rounds(todo, ctx, draw_shard, bar.update if bar is not None else lambda n: None)
+    drawn = in_rounds(todo, ctx, draw_shard, bar.update if bar is not None else lambda n: None)
     if bar is not None:
         bar.close()
     ctx.barrier()  # every shard is on disk
@@ -167,7 +171,7 @@ def sample_to(out: str | Path, model: DiffusionModel, num: int, seed: int,
         images.save_uint8(_join(folder, shards, runner.image_shape), out)
         shutil.rmtree(folder)
     ctx.barrier()  # no rank returns before the output is in place
-    return num - finished
+    return drawn
 
 
 def _join(folder: Path, shards: list[tuple[int, int]], image_shape: tuple[int, ...]) -> np.ndarray:

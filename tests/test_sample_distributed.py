@@ -78,7 +78,8 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, tiny_model_file, one_thr
     assert two.shape == (NUM, 8, 8, 1) and two.std() > 0
     assert two.tobytes() == one.tobytes()
     assert not shards.work_folder(out).exists()  # joined, then cleared
-    assert proc.stderr.count(f"wrote {NUM} images to {out}") == 1  # rank 0 alone reports
+    # rank 0 alone reports, and every image was drawn once (all ranks' count, all-reduced)
+    assert proc.stderr.count(f"wrote {NUM} images to {out} ({NUM} drawn now on 2 ranks") == 1
     assert "sampling on 2 ranks" in proc.stderr
 
 
@@ -105,6 +106,7 @@ def test_a_killed_rank_resumes_to_the_same_folder(tmp_path, tiny_model_file, one
     resumed = _torchrun(tmp_path, *argv)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming: 6 of {NUM} images already drawn" in resumed.stderr
+    assert f"({NUM - 6} drawn now on 2 ranks" in resumed.stderr  # the missing shards, once
     assert not work.exists()
     _one_process(f"{tmp_path / 'one'}/", model)
     names = sorted(p.name for p in out.glob("*.png"))
