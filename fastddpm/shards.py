@@ -69,9 +69,14 @@ def _shard_path(folder: Path, k: int) -> Path:
 
 
 def _describe_difference(old: dict, new: dict) -> str:
-    keys = [k for k in new if old.get(k) != new[k]] or ["layout"]
-    return ", ".join(f"{k} {old.get(k)!r} → {new[k]!r}" if k != "model" else "model weights"
-                     for k in keys)
+    """What changed between two job identities, e.g. "seed 5 → 6, world 2 → 1"."""
+    if not isinstance(old.get("options"), dict):
+        old = {**old, "options": {}}
+    changes = [f"{k} {old['options'].get(k)!r} → {v!r}" for k, v in new["options"].items()
+               if old["options"].get(k) != v]
+    changes += ["model weights" if k == "model" else f"{k} {old.get(k)!r} → {new[k]!r}"
+                for k in new if k != "options" and old.get(k) != new[k]]
+    return ", ".join(changes)
 
 
 def _prepare(folder: Path, identity: dict) -> str | None:
