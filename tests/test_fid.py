@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastddpm import fid, inception
+from fastddpm import fid, inception, shards
+from fastddpm.checkpoint import load
 from fastddpm.cli import main
 
 if importlib.util.find_spec("torch_fidelity") is None:
@@ -191,3 +192,23 @@ def test_bad_input_is_one_line(tmp_path, weights, capsys, case):
     assert out.out == "" and len(out.err.strip().splitlines()) == 1 and expect in out.err, out.err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, no cache
     assert not (tmp_path / "ran").exists()
+
+
+def test_samples_drawn_on_the_fly_measure_as_the_same_samples_on_disk(tmp_path, weights, capsys,
+                                                                      tiny_model_file):
+    """--model draws exactly the images `fastddpm sample` writes (same seed, same batches), so the
+    FID over them equals the FID over the .npz written beforehand."""
+    sampling = ["--sampler", "ddim", "--steps", "3", "--seed", "7", "--batch-size", "3",
+                "--device", "cpu", "--backend", "torch"]
+    ref = _npz(tmp_path / "ref.npz", _images(5, 4)[..., :1])
+    assert main(["sample", "--model", str(tiny_model_file), "-n", "5", "--out",
+                 str(tmp_path / "s.npz"), "--no-progress", *sampling]) == 0
+    capsys.readouterr()
+    common = ["--fid", "--ref", ref, "--inception-weights", str(weights), "--fid-dims", str(DIMS)]
+    on_disk = _eval(capsys, *common, "--samples", str(tmp_path / "s.npz"), "--batch-size", "3",
+                    "--device", "cpu")
+    drawn = _eval(capsys, *common, "--model", str(tiny_model_file), "-n", "5", *sampling)
+    assert drawn["fid"] == on_disk["fid"] and drawn["num"] == on_disk["num"] == 5
+    assert (drawn["seed"], drawn["sampler"], drawn["steps"]) == (7, "ddim", 3)
+    assert drawn["model_hash"] == shards.model_hash(load(str(tiny_model_file)))
+

@@ -124,3 +124,13 @@ def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
     assert rank_device("cpu") == "cpu"
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert rank_device("cuda:0") == "cuda:0"  # one process: as given
+
+
+def test_a_damaged_shard_is_refused_when_joined(tmp_path):
+    np.save(tmp_path / "shard-000000.npy", np.zeros((3, 8, 8, 1), np.uint8))
+    (tmp_path / "shard-000001.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(UserError, match="shard-000001.npy is unreadable.*delete it and re-run"):
+        shards._join(tmp_path, [(0, 3), (3, 2)], (1, 8, 8))
+    np.save(tmp_path / "shard-000001.npy", np.zeros((3, 8, 8, 1), np.uint8))  # 3 images, not 2
+    with pytest.raises(UserError, match=r"holds uint8 \(3, 8, 8, 1\), not \(2, 8, 8, 1\)"):
+        shards._join(tmp_path, [(0, 3), (3, 2)], (1, 8, 8))
