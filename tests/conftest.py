@@ -5,12 +5,19 @@ when a kernel is defined, so setting it later has no effect.
 The tiny models the tests share live in tiny.py (importable from every test module); the
 fixtures here hand out the ones several modules load from a file."""
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# backend="auto" (the default) would time every installed engine (an ONNX export, an OpenVINO
+# conversion) for each new model and batch size: the suite's auto runs torch only (the auto
+# tests lift this), and converted models go to a temp folder, not the user's cache
+os.environ.setdefault("FASTDDPM_AUTO_ENGINES", "torch")
+os.environ.setdefault("FASTDDPM_CACHE", tempfile.mkdtemp(prefix="fastddpm-test-cache-"))
 
 
 @pytest.fixture(scope="module")

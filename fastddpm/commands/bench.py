@@ -46,10 +46,15 @@ def run(args: argparse.Namespace) -> int:
         result = {"backend": run_options.backend, "device": name, "dtype": run_options.dtype,
                   "sampler": run_options.sampler, "torch": torch.__version__,
                   **time_sampler(sampler, batch, args.repeats)}
+        # what auto picked for this batch, and the ε timings it picked by
+        choice = getattr(sampler.denoise, "choices", {}).get(batch)
+        if choice is not None:
+            result.update(engine=choice["engine"], auto_ms=choice.get("ms"))
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"{run_options.backend:>12} on {name} ({run_options.dtype}): "
+            engine = f" → {result['engine']}" if "engine" in result else ""
+            print(f"{run_options.backend:>12}{engine} on {name} ({run_options.dtype}): "
                   f"{result['images_per_s']:.2f} img/s, {result['ms_per_step']:.2f} ms/step "
                   f"(batch {batch}, {result['steps']} {run_options.sampler} steps, "
                   f"median of {args.repeats})")

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interpolate", type=int, default=None, metavar="K",
                    help="with --from: mix the x_t of images (1, 2), (3, 4), ... at K weights from 0 "
                         "to 1 and decode (Fig. 8); a PNG grid shows a row per pair: a, K mixes, b")
+    p.add_argument("--verbose", action="store_true",
+                   help="say which engine computes ε and why (auto: the timings it chose by)")
     add_sampling_arguments(p)
 
 
@@ -56,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if args.source is None and (args.t is not None or args.interpolate is not None):
         raise UserError("--t and --interpolate start from images: add --from IMAGES")
     options = SamplingOptions.from_args(args)
+    if args.verbose:
+        from ..autoselect import explain
+
+        explain(options.backend)
     if launched_world() > 1:
         if args.progressive is not None or args.source is not None:
             raise UserError("--progressive and --from run in one process; run them without torchrun")

@@ -1,0 +1,161 @@
+"""`backend="auto"`: the fastest installed ε engine, picked by measurement and kept.
+
+On CUDA it is the torch backend (captured with the whole step as a CUDA graph). On the CPU, the
+first batch of each size times every installed engine (torch, onnxruntime, openvino; compile is
+left out: compiling costs minutes) on that batch, one engine at a time so no two thread pools
+run together, for about a second in all after one warm-up call each, and keeps the fastest for
+that (model, batch size, dtype, threads): in this denoiser (which sessions keeps for the process)
+and in the disk cache, so a fresh process builds only the winner. An engine that cannot run the
+dtype here is skipped. What was picked and why goes to the `fastddpm` logger (`--verbose`).
+$FASTDDPM_AUTO_ENGINES (comma-separated) narrows the candidates (the test suite: torch only).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import disk_cache
+from .backends import Backend, Denoiser, backend_names, make_denoiser, resolve_threads
+from .dtypes import dtype_name
+from .errors import UserError
+from .sessions import model_hash
+
+log = logging.getLogger("fastddpm")
+
+# engine → the modules it needs (checked without importing them)
+CPU_ENGINES = {"torch": (), "onnxruntime": ("onnxruntime", "onnx", "onnxscript"),
+               "openvino": ("openvino",)}
+BUDGET_S = 1.0  # timed calls of all engines together, after their warm-up calls
+
+
+def installed_engines() -> list[str]:
+    """The candidates: installed, and named in $FASTDDPM_AUTO_ENGINES where that is set."""
+    known = backend_names()
+    wanted = os.environ.get("FASTDDPM_AUTO_ENGINES")
+    allowed = CPU_ENGINES if not wanted else [w.strip() for w in wanted.split(",")]
+    return [name for name, modules in CPU_ENGINES.items() if name in known and name in allowed
+            and all(importlib.util.find_spec(m) for m in modules)]
+
+
+def _versions(engines: list[str]) -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"torch": torch.__version__, **{m: version(m) for e in engines for m in CPU_ENGINES[e]}}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def time_engine(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, budget_s: float) -> float:
+    """Median seconds of one ε call: one warm-up call, then calls until `budget_s` is spent
+    (at least one)."""
+    denoise(x, t)
+    times: list[float] = []
+    while not times or sum(times) < budget_s:
+        start = time.perf_counter()
+        denoise(x, t)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class AutoDenoiser:
+    """`denoise(x, t)` that runs, for each batch size, the engine it picked for that size."""
+
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, threads: int):
+        self.model, self.device, self.dtype, self.threads = model, device, dtype, threads
+        self.engines: dict[int, Denoiser] = {}
+        self.choices: dict[int, dict] = {}  # batch → {"engine", "ms" per engine, "why"}
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        if batch not in self.engines:
+            self.engines[batch] = self._choose(x, t)
+        return self.engines[batch](x, t)
+
+    def _key(self, batch: int, engines: list[str]) -> dict:
+        return {"model": model_hash(self.model), "batch": batch, "dtype": dtype_name(self.dtype),
+                "threads": self.threads, "cpu": _cpu_name(), "versions": _versions(engines)}
+
+    def _choose(self, x: torch.Tensor, t: torch.Tensor) -> Denoiser:
+        batch = x.shape[0]
+        engines = installed_engines()
+        if not engines:
+            raise UserError("FASTDDPM_AUTO_ENGINES names no installed engine; unset it or name some "
+                            f"of {', '.join(CPU_ENGINES)}")
+        key = self._key(batch, engines)
+        folder = disk_cache.load("auto", key)  # its files are intact (their hashes checked)
+        if folder is not None:
+            choice = json.loads((folder / "choice.json").read_text())
+            choice["why"] = "measured before (disk cache)"
+            return self._keep(batch, choice, self._build(choice["engine"]))
+        if len(engines) == 1:  # nothing to choose between: no timing
+            choice = {"engine": engines[0], "why": "the only candidate"}
+            return self._keep(batch, choice, self._build(engines[0]))
+        times, built, refused = {}, {}, {}
+        for name in engines:
+            try:
+                built[name] = self._build(name)
+            except UserError as e:  # this engine cannot run this dtype on this machine
+                refused[name] = str(e)
+                continue
+            times[name] = time_engine(built[name], x, t, BUDGET_S / len(engines))
+            if name != min(times, key=times.get):
+                del built[name]  # a loser's memory goes now, before the next engine is built
+        if not times:
+            raise UserError(f"no installed engine runs {dtype_name(self.dtype)} on this CPU; "
+                            "use --dtype fp32")
+        best = min(times, key=times.get)
+        choice = {"engine": best, "ms": {n: round(1e3 * s, 2) for n, s in times.items()},
+                  "refused": refused}
+        disk_cache.store("auto", key, lambda d: (d / "choice.json").write_text(json.dumps(choice)))
+        choice["why"] = "fastest measured"
+        return self._keep(batch, choice, built[best])
+
+    def _build(self, name: str) -> Denoiser:
+        return make_denoiser(self.model, name, self.device, self.dtype, self.threads)
+
+    def _keep(self, batch: int, choice: dict, denoise: Denoiser) -> Denoiser:
+        self.choices[batch] = choice
+        timings = ", ".join(f"{n} {ms:.1f}" for n, ms in choice.get("ms", {}).items())
+        skipped = "; ".join(f"{n} skipped: {why}" for n, why in choice.get("refused", {}).items())
+        log.info("auto: %s for batch %d in %s on %d threads (%s%s%s)", choice["engine"], batch,
+                 dtype_name(self.dtype), self.threads, choice["why"],
+                 f"; ε ms: {timings}" if timings else "", f"; {skipped}" if skipped else "")
+        return denoise
+
+
+def explain(backend: str) -> None:
+    """`--verbose`: the `fastddpm` logger's lines go to stderr; auto says what it picks and why
+    as it picks, any other backend is named now."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    if backend != "auto":
+        log.info("engine: %s (asked for with --backend)", backend)
+
+
+def make(model, device: torch.device, dtype: torch.dtype, threads: int | None = None) -> Callable:
+    device = torch.device(device)
+    if device.type == "cuda":  # the CUDA-graph path: torch, captured with the step
+        log.info("auto: torch on %s (the CUDA-graph path)", device)
+        return make_denoiser(model, "torch", device, dtype, threads)
+    return AutoDenoiser(model, device, dtype, resolve_threads(threads))
+
+
+# graph_capturable: on CUDA it is the torch backend's ε
+AUTO = Backend("auto", make, graph_capturable=True)
