@@ -36,13 +36,20 @@ CPU_ENGINES = {"torch": (), "onnxruntime": ("onnxruntime", "onnx", "onnxscript")
 BUDGET_S = 1.0  # timed calls of all engines together, after their warm-up calls
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # set to None in sys.modules: blocked on purpose
+        return False
+
+
 def installed_engines() -> list[str]:
     """The candidates: installed, and named in $FASTDDPM_AUTO_ENGINES where that is set."""
     known = backend_names()
     wanted = os.environ.get("FASTDDPM_AUTO_ENGINES")
     allowed = CPU_ENGINES if not wanted else [w.strip() for w in wanted.split(",")]
     return [name for name, modules in CPU_ENGINES.items() if name in known and name in allowed
-            and all(importlib.util.find_spec(m) for m in modules)]
+            and all(_importable(m) for m in modules)]
 
 
 def _versions(engines: list[str]) -> dict[str, str]:
