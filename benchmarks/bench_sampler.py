@@ -2,6 +2,7 @@
 diffusers' pipeline on the same U-Net architecture, same sampler, same steps, same batch.
 
     pytest benchmarks/bench_sampler.py --benchmark-json=out.json
+    python benchmarks/bench_sampler.py cpu      # every CPU engine, fp32 and bf16, beside diffusers
 
 Runs on CUDA when present (fastddpm with its CUDA-graph loop and fused kernels), else on the CPU.
 Weights are random: speed does not depend on them.
@@ -94,3 +95,203 @@ def test_sampling_throughput(benchmark, case, impl):
         "impl": impl, "torch": torch.__version__, "batch": batch, "steps": steps, "dtype": dtype,
         "images_per_s": batch / benchmark.stats.stats.median,
     })
+
+
+# --- the CPU engines side by side: `python benchmarks/bench_sampler.py cpu` ------------------
+#
+# Every CPU engine of fastddpm (torch, compile, onnxruntime, openvino; fp32 and bf16; auto, the
+# default) beside diffusers' DDIMPipeline (fp32 eager, the same weights through a diffusers
+# folder, the same DDIM steps, use_clipped_model_output=True), on the bundled model (batch 1, 64)
+# and the CIFAR-10 U-Net with random weights (batch 1, 16). Each measurement runs in a process of
+# its own, so no two engines' thread pools are alive at once: one warm-up run (conversion,
+# compilation, auto's pick), then `--repeats` runs of `--steps` DDIM steps; per-step ms is the
+# median run over the steps. Plus the cold start: a fresh `fastddpm sample --sampler ddim --steps
+# 20 --num 64` process to a written PNG, with the disk cache already warm (one run before).
+
+CPU_CASES = {"digits-b1": ("digits", 1), "digits-b64": ("digits", 64),
+             "cifar10-b1": ("cifar10", 1), "cifar10-b16": ("cifar10", 16)}
+CPU_IMPLS = ("diffusers", "torch", "torch-bf16", "compile", "compile-bf16", "onnxruntime",
+             "openvino", "openvino-bf16", "auto")
+
+
+def _cpu_model(config_name: str):
+    from fastddpm.checkpoint import load
+
+    if config_name == "digits":
+        return load("default")  # the bundled weights
+    torch.manual_seed(0)
+    return DiffusionModel.create(CONFIGS[config_name])
+
+
+def _diffusers_same_weights(model, folder):
+    """diffusers' DDIMPipeline over `model`'s own weights and schedule (a diffusers folder)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    from fastddpm.interop.diffusers import save_folder
+
+    save_folder(model, folder)
+    config = json.loads((Path(folder) / "scheduler_config.json").read_text())
+    scheduler = DDIMScheduler.from_config({**config, "timestep_spacing": "leading"})
+    pipe = DDIMPipeline(unet=UNet2DModel.from_pretrained(folder).eval(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def measure_one(config_name: str, batch: int, impl: str, steps: int, repeats: int) -> dict:
+    """Per-step ms of one engine on one case (run it in a process of its own)."""
+    import statistics
+    import tempfile
+    import time
+
+    model = _cpu_model(config_name)
+    backend, _, dtype = impl.partition("-")
+    start = time.perf_counter()  # the first run's time includes building the engine
+    if backend == "diffusers":
+        folder = tempfile.mkdtemp(prefix="bench-diffusers-")
+        pipe = _diffusers_same_weights(model, f"{folder}/model")
+
+        def run(seed):
+            pipe(batch_size=batch, num_inference_steps=steps, eta=0.0, output_type="np",
+                 use_clipped_model_output=True, generator=torch.Generator().manual_seed(seed))
+        engine = "diffusers"
+    else:
+        sampler = Sampler(model, sampler="ddim", steps=steps, spacing="leading", device="cpu",
+                          backend=backend, dtype=dtype or "fp32")
+
+        def run(seed):
+            sampler.run(seed=seed, first=0, batch=batch)
+        engine = backend
+    run(0)  # warm-up: conversion, export, compilation, auto's pick
+    build_s = time.perf_counter() - start
+    if backend == "auto":
+        engine = sampler.denoise.choices[batch]["engine"]
+    times = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        run(r + 1)
+        times.append(time.perf_counter() - start)
+    return {"ms_per_step": 1e3 * statistics.median(times) / steps,
+            "ms_per_step_min": 1e3 * min(times) / steps, "first_run_s": build_s, "engine": engine,
+            "threads": torch.get_num_threads()}
+
+
+def cold_start(tmp: str) -> dict:
+    """Wall seconds of a fresh `fastddpm sample` process to a written PNG, disk cache warm."""
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "fastddpm", "sample", "--sampler", "ddim", "--steps", "20",
+           "--num", "64", "--device", "cpu", "--no-progress", "--out", f"{tmp}/cold.png"]
+    subprocess.run(cmd, check=True, capture_output=True)  # warms the disk cache (and auto's pick)
+    start = time.perf_counter()
+    done = subprocess.run(cmd + ["--verbose"], check=True, capture_output=True, text=True)
+    return {"seconds": time.perf_counter() - start, "command": " ".join(cmd[1:]),
+            "verbose": done.stderr.strip().splitlines()}
+
+
+def cpu_facts() -> dict:
+    import datetime
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    flags, name = set(), platform.processor()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    versions = {}
+    for package in ("torch", "onnxruntime", "openvino", "diffusers"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"cpu": name, "cores": len(__import__("os").sched_getaffinity(0)),
+            "amx": {"amx_tile", "amx_bf16"} <= flags, "avx512_bf16": "avx512_bf16" in flags,
+            "versions": versions, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def _markdown(facts: dict, rows: list[dict], cold: dict | None, args) -> str:
+    lines = [f"# CPU sampling: fastddpm's engines beside diffusers' DDIMPipeline ({facts['date']})", "",
+             f"CPU: {facts['cpu']} ({facts['cores']} cores; AMX: {facts['amx']}, AVX512-BF16: "
+             f"{facts['avx512_bf16']}). Versions: "
+             + ", ".join(f"{k} {v}" for k, v in facts["versions"].items()) + ".",
+             f"DDIM, {args.steps} steps a run, median of {args.repeats} runs after a warm-up run, each "
+             "engine in a process of its own. Speed-up: diffusers' ms/step over the engine's.", "",
+             "| case | engine | ran | ms/step | min | speed-up vs diffusers | build + first run (s) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['case']} | {row['impl']} | refused: {row['error']} | | | | |")
+            continue
+        ref = next((r for r in rows if r["case"] == row["case"] and r["impl"] == "diffusers"
+                    and "error" not in r), None)
+        ratio = f"{ref['ms_per_step'] / row['ms_per_step']:.2f}×" if ref else "–"
+        lines.append(f"| {row['case']} | {row['impl']} | {row['engine']} | {row['ms_per_step']:.2f} | "
+                     f"{row['ms_per_step_min']:.2f} | {ratio} | {row['first_run_s']:.1f} |")
+    if cold is not None:
+        lines += ["", f"Cold start (fresh process → written PNG, disk cache warm): "
+                      f"{cold['seconds']:.2f} s for `{cold['command']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import datetime
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description="CPU engines beside diffusers (see the comment above)")
+    sub = p.add_subparsers(dest="what", required=True)
+    cpu = sub.add_parser("cpu", help="the whole side-by-side run")
+    cpu.add_argument("--steps", type=int, default=4, help="DDIM steps a timed run (default 4)")
+    cpu.add_argument("--repeats", type=int, default=5)
+    cpu.add_argument("--cases", default=",".join(CPU_CASES))
+    cpu.add_argument("--impls", default=",".join(CPU_IMPLS))
+    cpu.add_argument("--no-cold-start", action="store_true")
+    cpu.add_argument("--out", default=None, help="default: benchmarks/results/cpu-<date>")
+    one = sub.add_parser("one", help="one engine on one case (what `cpu` runs per process)")
+    one.add_argument("case", choices=list(CPU_CASES))
+    one.add_argument("impl", choices=list(CPU_IMPLS))
+    one.add_argument("--steps", type=int, required=True)
+    one.add_argument("--repeats", type=int, required=True)
+    args = p.parse_args(argv)
+    if args.what == "one":
+        print(json.dumps(measure_one(*CPU_CASES[args.case], args.impl, args.steps, args.repeats)))
+        return 0
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out or Path(__file__).parent / "results" / f"cpu-{stamp}")
+    rows = []
+    for case in args.cases.split(","):
+        for impl in args.impls.split(","):
+            done = subprocess.run([sys.executable, __file__, "one", case, impl, "--steps",
+                                   str(args.steps), "--repeats", str(args.repeats)],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                row = {"case": case, "impl": impl, **json.loads(done.stdout.strip().splitlines()[-1])}
+            else:  # an engine this machine cannot run (bf16 without native support, ...)
+                tail = done.stderr.strip().splitlines()
+                row = {"case": case, "impl": impl, "error": tail[-1][:200] if tail else "failed"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cold = None if args.no_cold_start else cold_start(tmp)
+    facts = cpu_facts()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({**facts, "steps": args.steps, "repeats": args.repeats,
+                                                   "rows": rows, "cold_start": cold}, indent=2) + "\n")
+    (out / "README.md").write_text(_markdown(facts, rows, cold, args))
+    print(f"wrote {out}/results.json and README.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
