@@ -104,6 +104,7 @@ def test_a_set_against_itself_is_zero_and_a_shifted_set_is_not(tmp_path, weights
     assert abs(same["fid"]) < 1e-6 * shifted["fid"] and shifted["fid"] > 1e-3
 
 
+@pytest.mark.slow  # torchrun starts three Python processes
 def test_the_sharded_reduction_is_torch_fidelitys_value(tmp_path, weights, torch_fidelity_metrics):
     metric_fid, metric_isc = torch_fidelity_metrics
     samples = _npz(tmp_path / "s.npz", _images(2, NUM))

@@ -69,6 +69,7 @@ def _one_process(out: Path | str, model: str) -> None:
                  "--no-progress", *SAMPLING]) == 0
 
 
+@pytest.mark.slow  # torchrun starts three Python processes
 def test_two_processes_write_the_bytes_of_one(tmp_path, tiny_model_file, one_thread):
     out = tmp_path / "two.npz"
     proc = _torchrun(tmp_path, "--model", str(tiny_model_file), "--out", str(out), *SAMPLING)
@@ -83,6 +84,7 @@ def test_two_processes_write_the_bytes_of_one(tmp_path, tiny_model_file, one_thr
     assert "sampling on 2 ranks" in proc.stderr
 
 
+@pytest.mark.slow  # torchrun starts three Python processes
 def test_a_killed_rank_resumes_to_the_same_folder(tmp_path, tiny_model_file, one_thread, capsys):
     out, model = tmp_path / "imgs", str(tiny_model_file)
     argv = ["--model", model, "--out", f"{out}/", *SAMPLING]
