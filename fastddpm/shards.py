@@ -4,7 +4,8 @@ The job's sample indices 0..num−1 are cut into the batches one process would d
 (`SamplingOptions.batches`); batch k is shard k, and rank r draws shards r, r+W, r+2W, ... of a
 world of W. Noise is counter-based (seed, sample index, step), and each shard is exactly one of
 the single process's batches, so the images are the same bytes as `fastddpm sample` gives in
-one process, at any number of ranks.
+one process, at any number of ranks — given one ε engine: `backend="auto"` on the CPU lets each
+rank time and pick its own, whose images agree only to ~1e-4.
 
 Shards are uint8 arrays written atomically into a work folder beside the output,
 `.<name>.shards/`, with a manifest of the job's identity (model hash, sampling options, seed,
