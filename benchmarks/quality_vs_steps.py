@@ -1,9 +1,15 @@
-"""Sample quality of a digits model against the number of sampling steps, per sampler.
+"""Sample quality of a digits model against the number of ε evaluations, per sampler and grid.
 
-The judge of `fastddpm eval` (fastddpm.judge) is trained once; then, for each (sampler, steps),
-`num` samples of one seed are drawn and measured. Writes a JSON list and a markdown table:
+The judge of `fastddpm eval` (fastddpm.judge) is trained once; then, for each cell (sampler,
+steps, time grid), `num` samples of one seed are drawn and measured. Every sampler here takes one
+ε evaluation per step, so steps = NFE. Cells are `sampler:steps:spacing` (`--cases`), or the
+product of `--samplers`, `--spacings` and `--nfe`; a `tuned` cell for which the model has no
+grid is skipped and listed. Writes STEM.json (every cell, added to as cells finish, so a run
+can be resumed), STEM.md (one row per sampler and grid, one column per NFE) and, with --plot,
+a PNG of the Fréchet ratio against NFE:
 
-    python benchmarks/quality_vs_steps.py --out benchmarks/results/default_model/quality_vs_steps
+    python benchmarks/quality_vs_steps.py --samplers ddim,dpm++ --spacings trailing,logsnr \\
+        --nfe 4,5,6,8,10 --out benchmarks/results/default_model/quality_vs_nfe --plot
 """
 from __future__ import annotations
 
@@ -20,8 +26,52 @@ from fastddpm.checkpoint import load
 from fastddpm.judge import DigitClassifier, digit_metrics
 from fastddpm.runtime import sample
 
-CASES = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("ddim", 200), ("dpm++", 10), ("dpm++", 20),
-         ("dpm++", 50), ("ddpm", 100), ("ddpm", 1000)]
+NFE = (4, 5, 6, 8, 10, 15, 20)
+
+
+def cells(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    if args.cases:
+        return [(s, int(n), g) for s, n, g in (case.split(":") for case in args.cases.split(","))]
+    return [(s, n, g) for s in args.samplers.split(",") for g in args.spacings.split(",")
+            for n in map(int, args.nfe.split(","))]
+
+
+def table(rows: list[dict], meta: dict) -> str:
+    """One row per (sampler, grid), one column per NFE, the Fréchet ratio in each cell."""
+    nfes = sorted({r["steps"] for r in rows})
+    lines = [f"Fréchet ratio (lower is better; DDPM-1000: 1.31), {meta['num']} samples per cell, "
+             f"seed {meta['seed']}, {meta['machine']}, torch {meta['torch']}, {meta['date']}.", "",
+             "| sampler | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|---|" + "---:|" * len(nfes)]
+    keys = list(dict.fromkeys((r["sampler"], r["spacing"]) for r in rows))
+    for sampler, spacing in keys:
+        got = {r["steps"]: r["frechet_ratio"] for r in rows
+               if (r["sampler"], r["spacing"]) == (sampler, spacing)}
+        lines.append(f"| {sampler} | {spacing} | "
+                     + " | ".join(f"{got[n]:.2f}" if n in got else "" for n in nfes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for sampler, spacing in dict.fromkeys((r["sampler"], r["spacing"]) for r in rows):
+        pts = sorted((r["steps"], r["frechet_ratio"]) for r in rows
+                     if (r["sampler"], r["spacing"]) == (sampler, spacing))
+        style = {"tuned": "-", "logsnr": "--", "trailing": ":"}.get(spacing, "-.")
+        ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=f"{sampler} ({spacing})")
+    ax.axhline(1.31, color="black", lw=0.8, label="DDPM, 1000 steps")
+    ax.set_xlabel("ε evaluations (NFE)")
+    ax.set_ylabel("Fréchet ratio (lower is better)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -29,35 +79,44 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cases", default=",".join(f"{s}:{n}" for s, n in CASES),
-                   help="sampler:steps,... (default: %(default)s)")
+    p.add_argument("--cases", default=None, help="sampler:steps:spacing,... (instead of the product)")
+    p.add_argument("--samplers", default="ddim,dpm++")
+    p.add_argument("--spacings", default="trailing,logsnr,tuned")
+    p.add_argument("--nfe", default=",".join(map(str, NFE)))
     p.add_argument("--out", required=True, help="path stem: writes STEM.json and STEM.md")
+    p.add_argument("--plot", action="store_true", help="also STEM.png")
     args = p.parse_args()
     model = load(args.model)
     judge = DigitClassifier(model.config.image_size)
-    rows = []
-    for case in args.cases.split(","):
-        sampler, steps = case.split(":")
-        start = time.perf_counter()
-        x = sample(model, num=args.num, steps=int(steps), sampler=sampler, seed=args.seed,
-                   device="cpu", batch_size=500)
-        seconds = time.perf_counter() - start
-        rows.append({"sampler": sampler, "steps": int(steps), "sampling_seconds": round(seconds, 1),
-                     **digit_metrics(x, judge, args.seed)})
-        print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    # rows written before the grid was a column were all 'leading', then the only default
+    rows = [{"spacing": "leading", **r} for r in old.get("results", [])]
+    skipped = []
     meta = {"model": args.model, "num": args.num, "seed": args.seed, "torch": torch.__version__,
             "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} threads",
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
-    lines = [f"{args.num} samples per row, seed {args.seed}, {meta['machine']}, torch {meta['torch']}, "
-             f"{meta['date']}.", "",
-             "| sampler | steps | Fréchet ratio | mean top-class p | smallest class | seconds |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['sampler']} | {r['steps']} | {r['frechet_ratio']:.2f} | "
-              f"{r['mean_top_probability']:.3f} | {100 * r['min_class_fraction']:.1f} % | "
-              f"{r['sampling_seconds']:.0f} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    for sampler, steps, spacing in cells(args):
+        done = [r for r in rows if (r["sampler"], r["steps"], r["spacing"]) == (sampler, steps, spacing)]
+        if done and done[0]["num"] == args.num:
+            continue
+        if spacing == "tuned" and model.sampling.grid(sampler, steps) is None:
+            skipped.append(f"{sampler}:{steps}:tuned")
+            continue
+        start = time.perf_counter()
+        x = sample(model, num=args.num, steps=steps, sampler=sampler, spacing=spacing, seed=args.seed,
+                   device="cpu", backend="torch", batch_size=500)
+        seconds = time.perf_counter() - start
+        rows.append({"sampler": sampler, "steps": steps, "spacing": spacing,
+                     "sampling_seconds": round(seconds, 1), **digit_metrics(x, judge, args.seed)})
+        print(json.dumps({k: rows[-1][k] for k in ("sampler", "steps", "spacing", "frechet_ratio")}),
+              flush=True)
+        out.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    if skipped:
+        print(f"no tuned grid in the model for {', '.join(skipped)}: skipped", flush=True)
+    out.with_suffix(".md").write_text(table(rows, meta))
+    if args.plot:
+        plot(rows, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ COMMANDS = {
     "bench": ("fastddpm.commands.bench", "time the sampling loop of a model, per backend"),
     "convert": ("fastddpm.commands.convert",
                 "convert models from / to diffusers and the original DDPM checkpoints"),
+    "tune-steps": ("fastddpm.commands.tune_steps", "tune a model's time grid for a sampler and step count"),
 }
 
 

@@ -1,16 +1,18 @@
 """A diffusion model as a user holds it: the ε-network, its noise schedule, sampling defaults."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import UserError
-from .options import SamplingOptions
+from .errors import UserError, is_integer
+from .options import FALLBACK_SPACING, FAST_STEPS, SAFE_STEPS, SamplingOptions
 from .prediction import check_prediction, for_prediction
 from .samplers import SAMPLERS, VARIANCES, SamplerTable, make_table
 from .schedule import Schedule, ScheduleConfig
 from .unet import UNet, UNetConfig
+
+Grid = tuple[int, ...]  # timesteps, descending
 
 
 @dataclass(frozen=True)
@@ -18,23 +20,57 @@ class SamplingDefaults:
     variance: str = "fixed_large"  # σ² = β ("fixed_large", CIFAR-10) or β̃ ("fixed_small", 256²)
     clip: bool = True  # clip x̂0 to [−1, 1]
     prediction: str = "epsilon"  # what the network predicts: epsilon | sample | v_prediction
+    # time grids tuned for this model (`fastddpm tune-steps`, `--spacing tuned`), one per
+    # (sampler, steps), sorted: ((sampler, steps, timesteps), ...)
+    grids: tuple[tuple[str, int, Grid], ...] = ()
 
     def to_dict(self) -> dict:
         d = {"variance": self.variance, "clip": self.clip}
         if self.prediction != "epsilon":  # absent for ε: files read as before
             d["prediction"] = self.prediction
+        if self.grids:  # absent when empty: files without grids read as before
+            d["grids"] = [{"sampler": s, "steps": n, "timesteps": list(ts)} for s, n, ts in self.grids]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingDefaults:
-        unknown = set(d) - {"variance", "clip", "prediction"}
+        unknown = set(d) - {"variance", "clip", "prediction", "grids"}
         if unknown:
             raise UserError(f"unknown sampling field(s) {sorted(unknown)}")
-        out = cls(**d)
+        out = cls(**{**d, "grids": _grids_from_list(d.get("grids", []))})
         if out.variance not in VARIANCES:
             raise UserError(f"unknown variance type {out.variance!r}; choose one of {', '.join(VARIANCES)}")
         check_prediction(out.prediction)
         return out
+
+    def grid(self, sampler: str, steps: int) -> Grid | None:
+        """The tuned grid for `sampler` at `steps` steps, or None."""
+        return next((ts for s, n, ts in self.grids if (s, n) == (sampler, steps)), None)
+
+    def with_grid(self, sampler: str, steps: int, timesteps: Grid) -> SamplingDefaults:
+        """A copy holding `timesteps` as the tuned grid for (sampler, steps), replacing any."""
+        kept = [g for g in self.grids if (g[0], g[1]) != (sampler, steps)]
+        grids = sorted([*kept, (sampler, steps, tuple(int(t) for t in timesteps))])
+        return replace(self, grids=tuple(grids))
+
+
+def _grids_from_list(items) -> tuple[tuple[str, int, Grid], ...]:
+    """Tuned grids as a model file lists them, checked (a file may say anything): each a sampler
+    name, a step count and that many distinct descending timesteps ≥ 0 (≤ T is checked on use)."""
+    if not isinstance(items, list):
+        raise UserError("the sampling grids must be a list")
+    out = {}
+    for item in items:
+        ok = (isinstance(item, dict) and set(item) == {"sampler", "steps", "timesteps"}
+              and isinstance(item["sampler"], str) and is_integer(item["steps"]) and item["steps"] >= 1
+              and isinstance(item["timesteps"], list) and len(item["timesteps"]) == item["steps"]
+              and all(is_integer(t) and t >= 0 for t in item["timesteps"]))
+        ts = item["timesteps"] if ok else []
+        if not ok or any(a <= b for a, b in zip(ts, ts[1:], strict=False)):
+            raise UserError(f"damaged tuned grid {str(item)[:80]}: need sampler, steps and that "
+                            "many descending timesteps; re-run `fastddpm tune-steps`")
+        out[(item["sampler"], int(item["steps"]))] = tuple(int(t) for t in ts)
+    return tuple(sorted((s, n, ts) for (s, n), ts in out.items()))
 
 
 @dataclass(eq=False)
@@ -74,9 +110,36 @@ class DiffusionModel:
         if "variance" in SAMPLERS[options.sampler].options:
             extra["variance"] = self.sampling.variance
         clip = self.sampling.clip if options.clip is None else options.clip
-        table = make_table(self.schedule, options.sampler, options.steps, options.spacing,
-                           clip=clip, start=start, **extra)
+        steps, grid = self.plan(options)
+        table = make_table(self.schedule, options.sampler, steps, grid, clip=clip, start=start, **extra)
         return for_prediction(table, self.schedule.alphas_cumprod, self.sampling.prediction)
+
+    def plan(self, options: SamplingOptions) -> tuple[int, str | Grid]:
+        """The step count and time grid `options` mean on this model.
+
+        steps None: the model's T for DDPM (the paper's procedure); FAST_STEPS[sampler] where the
+        model has a tuned grid there (unless another spacing is asked); SAFE_STEPS otherwise.
+        spacing None: the tuned grid for (sampler, steps) where the model has one, else
+        FALLBACK_SPACING; 'tuned': that grid, or a one-line error naming `fastddpm tune-steps`."""
+        sampler, steps, spacing = options.sampler, options.steps, options.spacing
+        T = self.schedule.num_timesteps
+        if steps is None:
+            fast = FAST_STEPS.get(sampler)
+            if sampler == "ddpm":
+                steps = T
+            elif fast is not None and spacing in (None, "tuned") and self.sampling.grid(sampler, fast):
+                steps = fast
+            else:
+                steps = min(SAFE_STEPS, T)
+        grid = self.sampling.grid(sampler, steps)
+        if spacing is None:
+            return steps, grid or FALLBACK_SPACING
+        if spacing != "tuned":
+            return steps, spacing
+        if grid is None:
+            raise UserError(f"this model has no tuned time grid for {sampler} at {steps} steps; make "
+                            f"one with `fastddpm tune-steps MODEL --steps {steps} --sampler {sampler}`")
+        return steps, grid
 
 
 def check_weights(unet: torch.nn.Module, state: dict, where: str) -> None:

@@ -19,15 +19,24 @@ from .samplers import SAMPLERS, SPACINGS
 # the largest batch the runtime draws at once, and so the batch range of engines built for it
 MAX_BATCH = 256
 
+# The fast default: the fewest ε evaluations at the bundled model's DDPM-1000 quality
+# (benchmarks/results/default_model/quality_vs_nfe.md). A sampler's steps when none are given:
+# FAST_STEPS on a model that ships a tuned grid for it there (`fastddpm tune-steps`), SAFE_STEPS
+# (FALLBACK_SPACING) on any other; DDPM's are the model's T, the paper's procedure.
+DEFAULT_SAMPLER = "dpm++"
+FAST_STEPS = {"dpm++": 6}
+SAFE_STEPS = 20
+FALLBACK_SPACING = "trailing"
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to sample. None means "the model's own setting" (steps: its T; clip: its default)."""
 
-    sampler: str = "ddpm"  # ddpm | ddim | dpm++
-    steps: int | None = None  # ε evaluations; None: the model's T
+    sampler: str = DEFAULT_SAMPLER  # a name in samplers.SAMPLERS
+    steps: int | None = None  # ε evaluations; None: the sampler's default on the model (above)
     eta: float | None = None  # DDIM's η in [0, 1]; None: 0 (deterministic). DDIM only
-    spacing: str = "leading"  # how the visited timesteps are spread when steps < T
+    spacing: str | None = None  # the time grid; None: the model's tuned one, else FALLBACK_SPACING
     clip: bool | None = None  # clip x̂0 to [−1, 1]; None: the model's default
     device: str | None = None  # cpu | cuda[:N]; None: the GPU if there is one
     backend: str = "auto"  # the ε engine (fastddpm.backends); auto: the fastest here, measured
@@ -39,7 +48,7 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if self.spacing not in SPACINGS:
+        if self.spacing is not None and self.spacing not in SPACINGS:
             raise UserError(f"unknown timestep spacing {self.spacing!r}; choose one of "
                             f"{', '.join(SPACINGS)}")
         if self.steps is not None and self.steps <= 0:
@@ -98,13 +107,19 @@ def add_sampling_arguments(p: argparse.ArgumentParser, execution: bool = True) -
                    help="ddpm: the paper's ancestral sampler; ddim; dpm++, dpm++3m: DPM-Solver++(2M), "
                         "(3M); unipc, unipc3: UniPC of order 2, 3 (B(h) = e^h − 1; -bh1: B(h) = h); "
                         "multistep solvers run at lower order where fewer steps exist "
-                        "(default: %(default)s)")
+                        "(default: %(default)s). `--sampler ddpm --steps 1000` is the paper's "
+                        "exact procedure")
+    fast = ", ".join(f"{n} for {s}" for s, n in FAST_STEPS.items())
     g.add_argument("--steps", type=int, default=d.steps,
-                   help="sampling steps = ε evaluations (default: the model's T)")
+                   help=f"sampling steps = ε evaluations (default: {fast} on a model that ships a "
+                        f"tuned grid for it, as the bundled one does; else {SAFE_STEPS}; the "
+                        "model's T for ddpm)")
     g.add_argument("--eta", type=float, default=d.eta,
                    help="DDIM only: η in [0, 1] (default 0: deterministic)")
     g.add_argument("--spacing", default=d.spacing, choices=SPACINGS,
-                   help="timestep spacing when steps < T (default: %(default)s)")
+                   help="the time grid when steps < T; tuned: the model's own, made by "
+                        "`fastddpm tune-steps` (default: tuned where the model has that grid, "
+                        f"else {FALLBACK_SPACING})")
     g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=d.clip,
                    help="clip the predicted x0 to [-1, 1] (default: the model's setting)")
     if not execution:

@@ -25,8 +25,9 @@ def test_progressive_ends_at_the_sample(model):
 def test_reconstruct_equals_the_chain_written_out(model):
     x0 = torch.rand(2, 1, 8, 8) * 2 - 1
     t, seed = 37, 4
-    got = paper.reconstruct(model, x0, t, steps=10, sampler="ddim", seed=seed, device="cpu")
-    table = model.table(start=t, sampler="ddim", steps=10)
+    got = paper.reconstruct(model, x0, t, steps=10, sampler="ddim", spacing="leading", seed=seed,
+                            device="cpu")
+    table = model.table(start=t, sampler="ddim", steps=10, spacing="leading")
     assert table.timesteps.tolist() == [30, 20, 10, 0]  # 'leading' steps visited at or below 37
     ac = model.schedule.alphas_cumprod[30].item()
     eps0 = kernels.gaussian(seed, torch.arange(2), 0, (1, 8, 8), kernels.noise.INIT_STREAM)
