@@ -126,5 +126,5 @@ def _sample_metrics(args: argparse.Namespace, options: SamplingOptions) -> dict:
     if args.grid:
         save(x[:100], args.grid)
     return {"model": args.model, "sampler": options.sampler,
-            "steps": options.steps or model.schedule.num_timesteps, "seed": args.seed,
+            "steps": model.plan(options)[0], "seed": args.seed,
             "sampling_seconds": round(seconds, 1), **digit_metrics(x, classifier, args.seed)}
