@@ -75,6 +75,16 @@ def _choice(cfg: dict, key: str, default, allowed: tuple, where: str):
     return value
 
 
+def _listed(cfg: dict, key: str, default: tuple, kind: type, where: str) -> list:
+    """A list setting whose every entry is a `kind` (JSON may hold anything there)."""
+    value = cfg.get(key, default)
+    entries_fit = isinstance(value, (list, tuple)) and all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    if not entries_fit:
+        raise UserError(f"{where}: {key} must be a list of {kind.__name__}s, got {value!r}")
+    return list(value)
+
+
 def _number(cfg: dict, key: str, default: float, where: str) -> float:
     value = cfg.get(key, default)
     if not is_number(value):
@@ -98,9 +108,9 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     if cfg.get("act_fn", "silu") not in ("silu", "swish"):
         raise _unsupported(where, f"act_fn={cfg['act_fn']!r}")
 
-    widths = list(cfg.get("block_out_channels", (224, 448, 672, 896)))
-    down = list(cfg.get("down_block_types", ("DownBlock2D",) + ("AttnDownBlock2D",) * 3))
-    up = list(cfg.get("up_block_types", ("AttnUpBlock2D",) * 3 + ("UpBlock2D",)))
+    widths = _listed(cfg, "block_out_channels", (224, 448, 672, 896), int, where)
+    down = _listed(cfg, "down_block_types", ("DownBlock2D",) + ("AttnDownBlock2D",) * 3, str, where)
+    up = _listed(cfg, "up_block_types", ("AttnUpBlock2D",) * 3 + ("UpBlock2D",), str, where)
     for kind in down:
         if kind not in DOWN_BLOCKS:
             raise _unsupported(where, f"down block type {kind!r} (only {', '.join(DOWN_BLOCKS)})")
@@ -115,7 +125,7 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         raise _unsupported(where, "attention in up blocks that does not mirror the down blocks")
 
     base = widths[0]
-    if any(not isinstance(w, int) or w <= 0 or w % base for w in widths):
+    if any(w <= 0 or w % base for w in widths):
         raise _unsupported(where, f"block_out_channels {widths} that are not multiples of the first")
     in_ch, out_ch = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
     if out_ch not in (in_ch, 2 * in_ch):
@@ -124,7 +134,8 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     groups = cfg.get("norm_num_groups", 32)
     if groups is None:
         raise _unsupported(where, "norm_num_groups=None")
-    scale_shift = TIME_SCALE_SHIFT.get(cfg.get("resnet_time_scale_shift", "default"))
+    time_norm = cfg.get("resnet_time_scale_shift", "default")
+    scale_shift = TIME_SCALE_SHIFT.get(time_norm) if isinstance(time_norm, str) else None
     if scale_shift is None:
         raise _unsupported(where, f"resnet_time_scale_shift={cfg['resnet_time_scale_shift']!r} "
                                   f"(only {' or '.join(TIME_SCALE_SHIFT)})")
