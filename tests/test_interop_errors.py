@@ -70,6 +70,7 @@ def _refused(path, message):
     ({"mid_block_scale_factor": "1"}, "mid_block_scale_factor must be a number, got '1'"),
     ({"attention_head_dim": [8, 8, 8, 8]}, "attention_head_dim must be null or an integer"),
     ({"block_out_channels": 32}, "block_out_channels must be a list of ints, got 32"),
+    ({"in_channels": {"c": 3}}, "in_channels and out_channels must be integers"),
     ({"down_block_types": [["DownBlock2D"]] * 4}, "down_block_types must be a list of strs"),
     ({"resnet_time_scale_shift": ["default"]}, r"resnet_time_scale_shift=\['default'\]"),
     ({"num_class_embeds": 10}, "num_class_embeds=10"),

@@ -128,6 +128,8 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     if any(w <= 0 or w % base for w in widths):
         raise _unsupported(where, f"block_out_channels {widths} that are not multiples of the first")
     in_ch, out_ch = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
+    if not is_integer(in_ch) or not is_integer(out_ch):
+        raise UserError(f"{where}: in_channels and out_channels must be integers, got {in_ch!r}, {out_ch!r}")
     if out_ch not in (in_ch, 2 * in_ch):
         raise _unsupported(where, f"out_channels {out_ch} (fastddpm needs in_channels {in_ch}, or "
                                   f"2 × {in_ch} with a learned variance)")
