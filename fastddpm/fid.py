@@ -17,7 +17,6 @@ bytes and the Inception weights' digest.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .disk_cache import cache_root
 from .distributed import Distributed
 from .errors import UserError
 from .files import atomic_write
@@ -88,14 +88,6 @@ def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS,
         kl = (part.exp() * (part - log_marginal)).sum(1).mean()
         scores.append(kl.exp().item())
     return float(np.mean(scores)), float(np.std(scores))
-
-
-def cache_folder() -> Path:
-    """$FASTDDPM_CACHE, else $XDG_CACHE_HOME/fastddpm, else ~/.cache/fastddpm."""
-    if os.environ.get("FASTDDPM_CACHE"):
-        return Path(os.environ["FASTDDPM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fastddpm"
 
 
 def read_images(source: str) -> np.ndarray:
@@ -198,7 +190,7 @@ class Reference:
         images = self.images
         key = hashlib.sha256(f"{images.shape}:{net.dims}:{net.digest}".encode()
                              + images.tobytes()).hexdigest()
-        cached = cache_folder() / "fid" / f"ref-{key[:32]}.npz"
+        cached = cache_root() / "fid" / f"ref-{key[:32]}.npz"
         hit = None
         if ctx.main and cached.is_file():
             with np.load(cached, allow_pickle=False) as f:
