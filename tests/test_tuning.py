@@ -12,7 +12,7 @@ from fastddpm import checkpoint, tuning
 from fastddpm.cli import main
 from fastddpm.errors import UserError
 from fastddpm.model import DiffusionModel, SamplingDefaults
-from fastddpm.options import FALLBACK_SPACING, FAST_STEPS, SAFE_STEPS, SamplingOptions
+from fastddpm.options import DEFAULT_SAMPLER, FALLBACK_SPACING, FAST_STEPS, SAFE_STEPS, SamplingOptions
 from fastddpm.runtime import Sampler
 from fastddpm.schedule import ScheduleConfig
 
@@ -158,3 +158,12 @@ def test_tune_steps_bad_input_is_one_line_and_leaves_the_file(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert path.read_bytes() == before
+
+
+def test_the_bundled_model_ships_the_default_grid():
+    """`fastddpm sample` with no options runs the default sampler on the asset's tuned grid."""
+    model = checkpoint.load("default")
+    steps = FAST_STEPS[DEFAULT_SAMPLER]
+    grid = model.sampling.grid(DEFAULT_SAMPLER, steps)
+    assert grid is not None and grid[0] == model.schedule.num_timesteps - 1
+    assert model.plan(SamplingOptions()) == (steps, grid)
