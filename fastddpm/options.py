@@ -23,9 +23,9 @@ MAX_BATCH = 256
 # (benchmarks/results/default_model/quality_vs_nfe.md). A sampler's steps when none are given:
 # FAST_STEPS on a model that ships a tuned grid for it there (`fastddpm tune-steps`), SAFE_STEPS
 # (FALLBACK_SPACING) on any other; DDPM's are the model's T, the paper's procedure.
-DEFAULT_SAMPLER = "dpm++"
-FAST_STEPS = {"dpm++": 6}
-SAFE_STEPS = 20
+DEFAULT_SAMPLER = "unipc"
+FAST_STEPS = {"unipc": 4, "dpm++": 5}
+SAFE_STEPS = 10
 FALLBACK_SPACING = "trailing"
 
 
