@@ -12,7 +12,7 @@ import fastddpm.commands.bench as bench_command
 from fastddpm import backends, timing
 from fastddpm.backends import Backend
 from fastddpm.cli import main
-from fastddpm.options import MAX_BATCH, SamplingOptions
+from fastddpm.options import DEFAULT_SAMPLER, MAX_BATCH, SamplingOptions
 from fastddpm.runtime import Sampler, sample
 from fastddpm.schedule import ScheduleConfig
 
@@ -24,8 +24,8 @@ def counting_backend(monkeypatch):
     calls = []
     eager = backends.get_backend("torch")
 
-    def make(model, device, dtype):
-        denoise = eager.make(model, device, dtype)
+    def make(model, device, dtype, threads):
+        denoise = eager.make(model, device, dtype, threads)
 
         def counted(x, t):
             calls.append((x.shape[0], t.tolist()))
@@ -105,14 +105,15 @@ def test_each_backend_named_is_timed_on_a_sampler_of_its_own(tmp_path, capsys, c
 
 def test_without_sampling_flags_bench_times_the_sampling_defaults(tmp_path, capsys,
                                                                   counting_backend, samplers_made):
-    """Was: its own defaults (DDIM, 50 steps, batch 16). Now SamplingOptions': DDPM over all T
-    steps, batches of MAX_BATCH."""
+    """Was: its own defaults (DDIM, 50 steps, batch 16). Now SamplingOptions': the default
+    sampler at its default steps for a model without a tuned grid (all T = 4 here, as
+    min(SAFE_STEPS, T)), batches of MAX_BATCH."""
     model = save_tiny(tmp_path / "m.pt", TINY, ScheduleConfig("linear", 4))
     assert main(["bench", "--model", str(model), "--device", "cpu", "--backend", "counting",
                  "--repeats", "1", "--json"]) == 0
     (result,) = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert (result["backend"], result["sampler"], result["steps"], result["batch"]) == \
-        ("counting", "ddpm", 4, MAX_BATCH)
+        ("counting", DEFAULT_SAMPLER, 4, MAX_BATCH)
     assert [s.options for s in samplers_made] == [SamplingOptions(device="cpu", backend="counting")]
     assert counting_backend == [(MAX_BATCH, [t] * MAX_BATCH) for t in (3, 2, 1, 0)] * 2
 
