@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, is_integer
 from .files import atomic_write, read_torch_file
 from .interop import from_state_dict, load_folder
 from .model import DiffusionModel, SamplingDefaults
@@ -52,8 +52,11 @@ def save(model: DiffusionModel, path: str | os.PathLike) -> None:
 
 def from_parts(header: dict, state: dict, where: str) -> DiffusionModel:
     """Build a model from a header dict and a state dict, with one-line errors for mismatches."""
-    if header.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise UserError(f"{where} is not a fastddpm model file; convert it with `fastddpm convert`")
+    if not is_integer(header.get("version", 0)):
+        raise UserError(f"{where} has a damaged header (version {header['version']!r}); re-export "
+                        "or re-train the model")
     if header.get("version", 0) > VERSION:
         raise UserError(f"{where} was written by a newer fastddpm (format version "
                         f"{header['version']}); upgrade fastddpm")

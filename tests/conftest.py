@@ -20,6 +20,16 @@ os.environ.setdefault("FASTDDPM_AUTO_ENGINES", "torch")
 os.environ.setdefault("FASTDDPM_CACHE", tempfile.mkdtemp(prefix="fastddpm-test-cache-"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="fuzz suites (tests/test_fuzz_*.py): random seeds and 1000× the examples")
+
+
+def pytest_configure(config):
+    if config.getoption("--fuzz-long"):  # read by tests/fuzzing.py when the fuzz modules import
+        os.environ["FASTDDPM_FUZZ_LONG"] = "1000"
+
+
 @pytest.fixture(scope="module")
 def tiny_model_file(tmp_path_factory):
     """tiny.TINY (1 channel, no attention, T = 50, weights of seed 0) as a model file."""

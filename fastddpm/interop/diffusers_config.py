@@ -13,7 +13,7 @@ from ..errors import UserError, is_integer, is_number
 from ..model import SamplingDefaults
 from ..prediction import PREDICTIONS
 from ..samplers import VARIANCES
-from ..schedule import ScheduleConfig
+from ..schedule import MAX_TIMESTEPS, ScheduleConfig
 from ..unet import UNetConfig
 
 # What diffusers writes for the DDPM architecture. The writers' version only gates diffusers'
@@ -241,7 +241,7 @@ def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfi
     if cfg is None:
         return ScheduleConfig(), SamplingDefaults()
     cls = cfg.get("_class_name")
-    if cls not in SCHEDULER_KEYS:
+    if not isinstance(cls, str) or cls not in SCHEDULER_KEYS:  # a list is no key (unhashable)
         raise _unsupported_scheduler(where, f"scheduler {cls!r} (only {', '.join(SCHEDULER_KEYS)})")
     for key in cfg:
         if not key.startswith("_") and key not in SCHEDULER_KEYS[cls] and key not in LEGACY_KEYS:
@@ -293,8 +293,10 @@ def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfi
                             f"num_train_timesteps is {steps}")
         schedule = ScheduleConfig("custom", steps, start, end, [float(b) for b in trained])
     elif name == "sigmoid":
+        if not 2 <= steps <= MAX_TIMESTEPS:  # before a table of that length is built
+            raise UserError(f"{where}: num_train_timesteps must be in 2..{MAX_TIMESTEPS}, got {steps}")
         schedule = ScheduleConfig("custom", steps, start, end, _sigmoid_betas(steps, start, end))
-    elif name in BETA_SCHEDULES:
+    elif isinstance(name, str) and name in BETA_SCHEDULES:  # a list is no key (unhashable)
         schedule = ScheduleConfig(BETA_SCHEDULES[name], steps, start, end)
     else:
         raise _unsupported_scheduler(where, f"beta_schedule={name!r} (only "
