@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from .backends import Denoiser, make_denoiser, resolve_threads
+from .backends import Denoiser, get_backend, make_denoiser, resolve_threads
 
 if TYPE_CHECKING:
     from .model import DiffusionModel
@@ -90,7 +90,8 @@ def denoiser(model: DiffusionModel, backend: str, device: torch.device, dtype: t
              threads: int | None = None) -> Denoiser:
     """`backends.make_denoiser`, built once per (model content, backend, device, dtype, threads)."""
     threads = resolve_threads(threads)
-    key = (model_hash(model), backend, str(device), dtype, threads)
+    # the Backend itself, not only its name: one registered again under the same name is new
+    key = (model_hash(model), get_backend(backend), str(device), dtype, threads)
     build = lambda: (model, make_denoiser(model, backend, device, dtype, threads))  # noqa: E731
     return DENOISERS.get(key, build, _still(key[0]))[1]
 

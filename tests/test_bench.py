@@ -89,7 +89,7 @@ def test_each_backend_named_is_timed_on_a_sampler_of_its_own(tmp_path, capsys, c
     assert code == 0
     results = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["backend"] for r in results] == ["torch", "counting"]
-    want = SamplingOptions(sampler="ddim", steps=3, device="cpu", batch_size=2)
+    want = SamplingOptions(sampler="ddim", steps=3, device="cpu", batch_size=2, backend="torch")
     assert [s.options for s in samplers_made] == [want, want.replace(backend="counting")]
     for result in results:
         assert (result["device"], result["dtype"], result["sampler"]) == ("cpu", "fp32", "ddim")
