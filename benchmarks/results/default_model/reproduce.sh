@@ -18,7 +18,15 @@ checkpoint.save(checkpoint.load(sys.argv[1]), 'fastddpm/assets/digits.safetensor
 fastddpm eval --model default --num 1000 --steps 1000 --sampler ddpm --seed 0 --batch-size 500 \
     --grid "$here/samples.png" > "$here/eval.json"
 fastddpm eval --bpd --model default --seed 0 > "$here/bpd.json"
-python benchmarks/quality_vs_steps.py --out "$here/quality_vs_steps"
+python benchmarks/quality_vs_steps.py --out "$here/quality_vs_steps" --cases \
+    ddim:10:leading,ddim:20:leading,ddim:50:leading,ddim:100:leading,ddim:200:leading,dpm++:10:leading,dpm++:20:leading,dpm++:50:leading,ddpm:100:leading,ddpm:1000:leading
+
+# tuned time grids, stored in the asset's metadata (draws of seed 1, apart from the judge's seed 0)
+for spec in unipc:4 unipc:5 unipc-bh1:4 unipc-bh1:5 unipc3:5 dpm++:5 dpm++:6; do
+    fastddpm tune-steps default --sampler "${spec%:*}" --steps "${spec#*:}" --seed 1 --calib 128 --device cpu
+done
+# quality against NFE (quality_vs_nfe.md lists the cells it measured; this is the same list)
+python benchmarks/quality_vs_steps.py --out "$here/quality_vs_nfe" --plot --cases "$(cat "$here/quality_vs_nfe.cases")"
 
 # the paper's Fig. 8 on digits: held-out pairs (1, 2), (3, 4), ... mixed at x_250 (ᾱ = 0.52; at
 # x_500, ᾱ = 0.08, too little of a 16² digit is left for its decode to keep it), then 4× for
