@@ -74,9 +74,12 @@ class TrainConfig:
 def _unet_config(cfg: TrainConfig, stored: dict | None) -> UNetConfig:
     if cfg.unet_json:
         try:
-            unet = UNetConfig.from_dict(json.loads(Path(cfg.unet_json).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read --unet-json {cfg.unet_json}: {e}") from None
+            fields = json.loads(Path(cfg.unet_json).read_bytes())
+        except (OSError, ValueError) as e:  # unreadable, not text (UnicodeDecodeError), not JSON
+            raise UserError(f"cannot read --unet-json {cfg.unet_json}: {str(e)[:200]}") from None
+        if not isinstance(fields, dict):
+            raise UserError(f"--unet-json {cfg.unet_json} must hold a JSON object of U-Net config fields")
+        unet = UNetConfig.from_dict(fields)
     elif cfg.config:
         unet = named_config(cfg.config)
     elif stored is not None:

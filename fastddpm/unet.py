@@ -76,7 +76,7 @@ class UNetConfig:
             raise UserError(f"unknown U-Net config field(s) {sorted(unknown)}")
         d = dict(d)
         for key in ("channel_mult", "attn_resolutions"):
-            if key in d:
+            if isinstance(d.get(key), list | tuple):  # anything else: validate() says what it is
                 d[key] = tuple(d[key])
         cfg = cls(**d)
         cfg.validate()

@@ -200,3 +200,10 @@ def test_found_by_fuzzing_scheduler_configs(diffusers_folder, change):
         assert refused_in_one_line(lambda: load_folder(folder)) is None
     finally:
         (folder / SCHEDULER_CONFIG).write_text(json.dumps(scheduler))
+
+
+@pytest.mark.parametrize("key", ["channel_mult", "attn_resolutions"])
+@pytest.mark.parametrize("value", [None, 3, "ab"])
+def test_found_by_fuzzing_unet_lists(key, value):
+    """A list field given as no list (was: TypeError from tuple(None))."""
+    assert refused_in_one_line(lambda: UNetConfig.from_dict({**TINY.to_dict(), key: value})) is None

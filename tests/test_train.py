@@ -300,3 +300,13 @@ def test_a_fresh_run_starts_its_log_empty(tmp_path, unet_json):
     Trainer(_config(out, unet_json, steps=2)).run()
     assert [r["step"] for r in _log(out, "step")] == [1, 2]
     assert _log(out, "loss")[0]["loss"] != 9.0
+
+
+@pytest.mark.parametrize("content", [b"\x80\x04 a pickle", b"[1, 2]", b"{not json"])
+def test_a_unet_json_that_is_no_json_object_is_one_line(tmp_path, capsys, content):
+    """Found by the fuzz suite: a binary --unet-json raised UnicodeDecodeError."""
+    (tmp_path / "u.json").write_bytes(content)
+    code, err = _cli(capsys, "--out", str(tmp_path / "run"), "--unet-json", str(tmp_path / "u.json"),
+                     "--device", "cpu")
+    assert code == 2 and "--unet-json" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
