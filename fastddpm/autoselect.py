@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 
 from . import disk_cache
-from .backends import Backend, Denoiser, backend_names, make_denoiser, resolve_threads
-from .dtypes import dtype_name
+from .backends import Backend, Denoiser, backend_names, make_denoiser, resolve_device, resolve_threads
+from .dtypes import dtype_name, torch_dtype
 from .errors import UserError
 from .sessions import model_hash
 
@@ -143,6 +143,22 @@ class AutoDenoiser:
                  dtype_name(self.dtype), self.threads, choice["why"],
                  f"; ε ms: {timings}" if timings else "", f"; {skipped}" if skipped else "")
         return denoise
+
+
+def engine_for(model, options, batch: int) -> str:
+    """The engine `auto` runs `model`'s batches of `batch` images with, here and as `options`
+    (a SamplingOptions) say: torch on CUDA, else the CPU engine measured fastest (or remembered
+    by the disk cache). What a torchrun job's rank 0 decides for every rank, so that all run one
+    engine and give the bytes of one process."""
+    device = resolve_device(options.device)
+    if device.type == "cuda":
+        return "torch"
+    auto = AutoDenoiser(model, device, torch_dtype(options.dtype), resolve_threads(options.threads))
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size).to(auto.dtype)
+    t = model.table(options).timesteps[:1].expand(batch)
+    auto._choose(x, t)
+    return auto.choices[batch]["engine"]
 
 
 def explain(backend: str) -> None:

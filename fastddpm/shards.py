@@ -4,8 +4,8 @@ The job's sample indices 0..num−1 are cut into the batches one process would d
 (`SamplingOptions.batches`); batch k is shard k, and rank r draws shards r, r+W, r+2W, ... of a
 world of W. Noise is counter-based (seed, sample index, step), and each shard is exactly one of
 the single process's batches, so the images are the same bytes as `fastddpm sample` gives in
-one process, at any number of ranks — given one ε engine: `backend="auto"` on the CPU lets each
-rank time and pick its own, whose images agree only to ~1e-4.
+one process, at any number of ranks, and every rank runs one ε engine: under `backend="auto"`
+rank 0 picks it (autoselect.engine_for) for all.
 
 Shards are uint8 arrays written atomically into a work folder beside the output,
 `.<name>.shards/`, with a manifest of the job's identity (model hash, sampling options, seed,
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import images
+from . import autoselect, images
 from .digest import state_digest
 from .distributed import Distributed
 from .errors import UserError
@@ -123,6 +123,17 @@ def draw(runner: Sampler, seed: int, first: int, n: int) -> np.ndarray:
     return images.to_uint8(runner.run(seed, first, n).float().clamp(-1.0, 1.0).cpu())
 
 
+def _one_engine(model: DiffusionModel, options: SamplingOptions, ctx: Distributed,
+                batch: int) -> SamplingOptions:
+    """`options` with `auto` replaced by the engine rank 0 picks for the job's batches: left to
+    itself each rank would time and pick its own, and engines agree only to ~1e-4, not in bytes.
+    The name goes into the job's identity, so a re-run never mixes two engines' shards."""
+    if options.backend != "auto":
+        return options
+    name = autoselect.engine_for(model, options, batch) if ctx.main else None
+    return options.replace(backend=ctx.broadcast_from_main(name))
+
+
 def in_rounds(todo: list, ctx: Distributed, work: Callable[[object], int],
               on_round: Callable[[int], None]) -> int:
     """Run `work(item)` for each of this rank's `todo` in lock-step rounds (ranks with fewer
@@ -144,6 +155,7 @@ def sample_to(out: str | Path, model: DiffusionModel, num: int, seed: int,
     resuming from the shards a previous run of the same job left. Returns the number of
     images this run drew, all ranks together (the job's missing ones, each once)."""
     folder = work_folder(out)
+    options = _one_engine(model, options, ctx, options.batches(num)[0][1])
     identity = job_identity(model, num, seed, options, ctx.world)
     refusal = ctx.broadcast_from_main(_prepare(folder, identity) if ctx.main else None)
     if refusal is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_model
 
 from fastddpm import shards
 from fastddpm.checkpoint import load
@@ -136,3 +137,26 @@ def test_a_damaged_shard_is_refused_when_joined(tmp_path):
     np.save(tmp_path / "shard-000001.npy", np.zeros((3, 8, 8, 1), np.uint8))  # 3 images, not 2
     with pytest.raises(UserError, match=r"holds uint8 \(3, 8, 8, 1\), not \(2, 8, 8, 1\)"):
         shards._join(tmp_path, [(0, 3), (3, 2)], (1, 8, 8))
+
+
+def test_every_rank_runs_the_engine_rank_0_picks(monkeypatch):
+    """Under `auto` each rank would time the engines and might pick another (engines agree to
+    ~1e-4, not in bytes): rank 0 picks, and the others run its pick without timing."""
+    monkeypatch.setenv("FASTDDPM_AUTO_ENGINES", "torch,onnxruntime")  # two to choose between
+    model = tiny_model()
+    options = SamplingOptions(sampler="ddim", steps=2, device="cpu")
+    assert options.backend == "auto"
+    picked = shards._one_engine(model, options, Distributed(), BATCH)
+    assert picked.backend in ("torch", "onnxruntime")
+    assert picked.replace(backend="auto") == options  # nothing else changed
+
+    def timing_on_rank_1(*args):
+        raise AssertionError("rank 1 timed the engines itself")
+
+    monkeypatch.setattr(shards.autoselect, "engine_for", timing_on_rank_1)
+    rank_1 = Distributed(rank=1, world=2)
+    monkeypatch.setattr(rank_1, "broadcast_from_main", lambda obj: picked.backend)
+    assert shards._one_engine(model, options, rank_1, BATCH) == picked
+    # an engine named by the user is kept, on every rank, with no collective
+    named = options.replace(backend="torch")
+    assert shards._one_engine(model, named, rank_1, BATCH) is named
