@@ -30,6 +30,17 @@ def pytest_configure(config):
         os.environ["FASTDDPM_FUZZ_LONG"] = "1000"
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test. Chains of hundreds of tiny ops: on a busy 2-core
+    machine a second thread spins and waits (measured 1 s → 20 s per chain). Runs compared byte
+    for byte with one-thread torchrun workers: CPU convolutions may sum in a thread-dependent order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_file(tmp_path_factory):
     """tiny.TINY (1 channel, no attention, T = 50, weights of seed 0) as a model file."""

@@ -180,14 +180,6 @@ class _NoiseFeed:
 STEPS, BATCH, SEED = 20, 2, 11
 
 
-@pytest.fixture
-def one_thread():
-    """These runs are hundreds of tiny ops: on a busy 2-core machine a second intra-op thread
-    spins and waits (measured 1.5 s → 25–50 s per test), so run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # Both sides run in float64, tables included. A random-weight U-Net amplifies a perturbation of

@@ -23,14 +23,7 @@ TINY = UNetConfig(image_size=8, base_channels=16, channel_mult=(1, 2), num_res_b
                   attn_resolutions=(4,), dropout=0.0, groups=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Hundreds of tiny ops: on a busy 2-core machine a second intra-op thread spins and waits
-    (measured here: 1 s → 20 s per chain), so run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: hundreds of tiny ops
 
 
 def _model(prediction: str, schedule=ScheduleConfig()) -> DiffusionModel:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from tiny import tiny_model
 
 from fastddpm import shards
@@ -42,14 +41,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture
-def one_thread():
-    """The reference run on as many threads as each torchrun worker (CPU convolutions may sum in
-    a thread-dependent order, and the comparisons are byte for byte)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _torchrun(tmp_path: Path, *argv: str, script: str | None = None) -> subprocess.CompletedProcess:

@@ -142,13 +142,20 @@ def test_dpmpp_multistep_matches_diffusers(order, spacing, steps, clip):
                                                             algorithm_type="dpmsolver++",
                                                             lower_order_final=True, final_sigmas_type="zero"),
                                 SCHEDULE, table.timesteps.tolist())
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    ours = _run_ours(table, x.clone(), [None] * steps)
+    ours, theirs = _both_multistep(table, sched, seed=5, clip=clip)
+    _assert_trajectories_close(ours, theirs)
+
+
+def _both_multistep(table, sched, seed: int, clip: bool) -> tuple[list, list]:
+    """Our trajectory and a diffusers multistep scheduler's from one random x_T (float64), each
+    diffusers step handed the ε of its clipped x̂0 where `clip`."""
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ours = _run_ours(table, x.clone(), [None] * table.num_steps)
     theirs, xd = [], x.clone()
     for t in table.timesteps.tolist():
         xd = sched.step(_clipped_x0_as_eps(xd, t, clip), t, xd).prev_sample
         theirs.append(xd)
-    _assert_trajectories_close(ours, theirs)
+    return ours, theirs
 
 
 def _clipped_x0_as_eps(x: torch.Tensor, t: int, clip: bool) -> torch.Tensor:
@@ -177,12 +184,7 @@ def test_unipc_matches_diffusers(order, variant, spacing, steps, clip):
                                                         solver_type=variant, predict_x0=True,
                                                         lower_order_final=True, final_sigmas_type="zero"),
                                 SCHEDULE, table.timesteps.tolist())
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    ours = _run_ours(table, x.clone(), [None] * steps)
-    theirs, xd = [], x.clone()
-    for t in table.timesteps.tolist():
-        xd = sched.step(_clipped_x0_as_eps(xd, t, clip), t, xd).prev_sample
-        theirs.append(xd)
+    ours, theirs = _both_multistep(table, sched, seed=6, clip=clip)
     if variant == "bh1":  # diffusers' bh1 last step to σ = 0 is B(h)·0 = −∞·0 = NaN (0.42.1);
         ours, theirs = ours[:-1], theirs[:-1]  # ours is x_0 = x̂0 there (checked below)
         assert theirs[-1:] == [] or not torch.isnan(theirs[-1]).any()

@@ -41,14 +41,7 @@ FAMILY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Hundreds of tiny ops: on a busy 2-core machine a second intra-op thread spins and waits
-    (measured here: 1 s → 20 s per chain), so run them on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: hundreds of tiny ops
 
 
 @pytest.fixture(scope="module", params=list(FAMILY))
