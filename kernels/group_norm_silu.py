@@ -61,11 +61,15 @@ if HAS_TRITON:
     from .launch import Launch
 
     @triton.jit
-    def _channel_params(weight_ptr, bias_ptr, bias_nc_ptr, scale_shift_ptr, n, g, channels,
-                        channels_per_group, HAS_BIAS_NC: tl.constexpr, HAS_SCALE_SHIFT: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-        """γ and β (with the sample's scale and shift folded in) and the sample's bias_nc for the
-        group's channels, fp32 (BLOCK_C,) each."""
+    def _group_params(weight_ptr, bias_ptr, bias_nc_ptr, scale_shift_ptr, channels, pixels,
+                      channels_per_group, groups, stride_c, HAS_BIAS_NC: tl.constexpr,
+                      HAS_SCALE_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's (sample n, group g): the offset of its first element in x, its channel
+        lanes and their mask, γ and β (with the sample's scale and shift folded in) and the
+        sample's bias_nc for the group's channels, fp32 (BLOCK_C,) each."""
+        pid = tl.program_id(0)
+        n, g = pid // groups, pid % groups
+        base = n.to(tl.int64) * channels * pixels + g * channels_per_group * stride_c
         c = tl.arange(0, BLOCK_C)
         c_mask = c < channels_per_group
         ch = g * channels_per_group + c
@@ -80,7 +84,7 @@ if HAS_TRITON:
             shift = tl.load(row + channels, mask=c_mask, other=0.0).to(tl.float32)
             gamma = gamma * scale
             beta = beta * scale + shift
-        return c, c_mask, gamma, beta, pre_bias
+        return base, c, c_mask, gamma, beta, pre_bias
 
     @triton.jit
     def _normalize(h, mean, rstd, gamma, beta, SILU: tl.constexpr):
@@ -110,14 +114,11 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr,  # next_pow2(C / G)
         BLOCK_P: tl.constexpr,  # next_pow2(H·W): the whole group in one tile
     ):
-        pid = tl.program_id(0)
-        n, g = pid // groups, pid % groups
-        c, c_mask, gamma, beta, pre_bias = _channel_params(
-            weight_ptr, bias_ptr, bias_nc_ptr, scale_shift_ptr, n, g, channels, channels_per_group,
-            HAS_BIAS_NC, HAS_SCALE_SHIFT, BLOCK_C)
+        base, c, c_mask, gamma, beta, pre_bias = _group_params(
+            weight_ptr, bias_ptr, bias_nc_ptr, scale_shift_ptr, channels, pixels, channels_per_group,
+            groups, stride_c, HAS_BIAS_NC, HAS_SCALE_SHIFT, BLOCK_C)
         p = tl.arange(0, BLOCK_P)
         mask = (p < pixels)[:, None] & c_mask[None, :]
-        base = n.to(tl.int64) * channels * pixels + g * channels_per_group * stride_c
         offs = base + p[:, None] * stride_p + c[None, :] * stride_c
         h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + pre_bias[None, :]
         count = pixels * channels_per_group * 1.0  # not .to(): both may be constexpr 1 when compiled
@@ -144,13 +145,10 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr,  # next_pow2(C / G)
         BLOCK_P: tl.constexpr,  # pixels per chunk
     ):
-        pid = tl.program_id(0)
-        n, g = pid // groups, pid % groups
-        c, c_mask, gamma, beta, pre_bias = _channel_params(
-            weight_ptr, bias_ptr, bias_nc_ptr, scale_shift_ptr, n, g, channels, channels_per_group,
-            HAS_BIAS_NC, HAS_SCALE_SHIFT, BLOCK_C)
+        base, c, c_mask, gamma, beta, pre_bias = _group_params(
+            weight_ptr, bias_ptr, bias_nc_ptr, scale_shift_ptr, channels, pixels, channels_per_group,
+            groups, stride_c, HAS_BIAS_NC, HAS_SCALE_SHIFT, BLOCK_C)
         p = tl.arange(0, BLOCK_P)
-        base = n.to(tl.int64) * channels * pixels + g * channels_per_group * stride_c
         # pass 1: per-chunk mean and centred sum of squares, merged (Chan et al. 1979)
         mean = 0.0
         m2 = 0.0
