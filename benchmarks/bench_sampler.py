@@ -101,15 +101,24 @@ def test_sampling_throughput(benchmark, case, impl):
 #
 # Every CPU engine of fastddpm (torch, compile, onnxruntime, openvino; fp32 and bf16; auto, the
 # default) beside diffusers' DDIMPipeline (fp32 eager, the same weights through a diffusers
-# folder, the same DDIM steps, use_clipped_model_output=True), on the bundled model (batch 1, 64)
-# and the CIFAR-10 U-Net with random weights (batch 1, 16). Each measurement runs in a process of
-# its own, so no two engines' thread pools are alive at once: one warm-up run (conversion,
-# compilation, auto's pick), then `--repeats` runs of `--steps` DDIM steps; per-step ms is the
-# median run over the steps. Plus the cold start: a fresh `fastddpm sample --sampler ddim --steps
-# 20 --num 64` process to a written PNG, with the disk cache already warm (one run before).
+# folder, the same DDIM steps, use_clipped_model_output=True), on the bundled model (batch 1, 64),
+# the CIFAR-10 U-Net with random weights (batch 1, 16) and, asked for with `--cases hub128-b1`
+# (seconds a step), diffusers' training example's 128² UNet2DModel (batch 1). Each measurement
+# runs in a process of its own, so no two engines' thread pools are alive at once: one warm-up
+# run (conversion, compilation, auto's pick), then `--repeats` runs of `--steps` DDIM steps;
+# per-step ms is the median run over the steps. Plus the cold start: a fresh `fastddpm sample
+# --sampler ddim --steps 20 --num 64` process to a written PNG, with the disk cache already warm
+# (one run before).
 
 CPU_CASES = {"digits-b1": ("digits", 1), "digits-b64": ("digits", 64),
-             "cifar10-b1": ("cifar10", 1), "cifar10-b16": ("cifar10", 16)}
+             "cifar10-b1": ("cifar10", 1), "cifar10-b16": ("cifar10", 16),
+             "hub128-b1": ("hub128", 1)}
+# diffusers' unconditional training example's model (train_unconditional.py): UNet2DModel at
+# 128² with its defaults (flipped embedding, multi-head attention of head dim 8, padding 1)
+HUB128 = {"sample_size": 128, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+          "block_out_channels": (128, 128, 256, 256, 512, 512),
+          "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+          "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4}
 CPU_IMPLS = ("diffusers", "torch", "torch-bf16", "compile", "compile-bf16", "onnxruntime",
              "openvino", "openvino-bf16", "auto")
 
@@ -120,6 +129,15 @@ def _cpu_model(config_name: str):
     if config_name == "digits":
         return load("default")  # the bundled weights
     torch.manual_seed(0)
+    if config_name == "hub128":  # made by diffusers, read as a user's Hub folder is
+        import tempfile
+
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        folder = tempfile.mkdtemp(prefix="bench-hub128-")
+        UNet2DModel(**HUB128).save_pretrained(f"{folder}/unet")
+        DDPMScheduler(num_train_timesteps=1000).save_pretrained(f"{folder}/scheduler")
+        return load(f"{folder}/unet")  # its scheduler/ beside it, as in a pipeline
     return DiffusionModel.create(CONFIGS[config_name])
 
 
@@ -254,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = sub.add_parser("cpu", help="the whole side-by-side run")
     cpu.add_argument("--steps", type=int, default=4, help="DDIM steps a timed run (default 4)")
     cpu.add_argument("--repeats", type=int, default=5)
-    cpu.add_argument("--cases", default=",".join(CPU_CASES))
+    cpu.add_argument("--cases", default=",".join(c for c in CPU_CASES if c != "hub128-b1"))
     cpu.add_argument("--impls", default=",".join(CPU_IMPLS))
     cpu.add_argument("--no-cold-start", action="store_true")
     cpu.add_argument("--out", default=None, help="default: benchmarks/results/cpu-<date>")
