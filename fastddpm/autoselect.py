@@ -2,11 +2,16 @@
 
 On CUDA it is the torch backend (captured with the whole step as a CUDA graph). On the CPU, the
 first batch of each size times every installed engine (torch, onnxruntime, openvino; compile is
-left out: compiling costs minutes) on that batch, one engine at a time so no two thread pools
-run together, for about a second in all after one warm-up call each, and keeps the fastest for
-that (model, batch size, dtype, threads): in this denoiser (which sessions keeps for the process)
-and in the disk cache, so a fresh process builds only the winner. An engine that cannot run the
-dtype here is skipped. What was picked and why goes to the `fastddpm` logger (`--verbose`).
+left out: compiling costs minutes) on that batch, one call at a time so no two thread pools run
+together, for about a second in all after one warm-up call each, and keeps the fastest for that
+(model, batch size, dtype, threads). The engines take turns, one call each a round, and each
+one's median call counts, so a burst of load from elsewhere on a shared machine slows every
+engine alike rather than the one being timed (timed one after another, such bursts picked
+engines 40-75 % slower per step than the best: benchmarks/results/cpu-20261204T220521Z). All
+candidates are alive while they take turns; the losers go with the pick. The pick is kept in
+this denoiser (which sessions keeps for the process) and in the disk cache, so a fresh process
+builds only the winner. An engine that cannot run the dtype here is skipped. What was picked
+and why goes to the `fastddpm` logger (`--verbose`).
 $FASTDDPM_AUTO_ENGINES (comma-separated) narrows the candidates (the test suite: torch only).
 """
 from __future__ import annotations
@@ -67,16 +72,21 @@ def _cpu_name() -> str:
         return platform.processor()
 
 
-def time_engine(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, budget_s: float) -> float:
-    """Median seconds of one ε call: one warm-up call, then calls until `budget_s` is spent
-    (at least one)."""
-    denoise(x, t)
-    times: list[float] = []
-    while not times or sum(times) < budget_s:
-        start = time.perf_counter()
+def time_engines(engines: dict[str, Denoiser], x: torch.Tensor, t: torch.Tensor,
+                 budget_s: float) -> dict[str, float]:
+    """Median seconds of one ε call of each engine: one warm-up call each, then rounds of one
+    call each, in turn, until `budget_s` is spent (at least one round)."""
+    for denoise in engines.values():
         denoise(x, t)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    spent = 0.0
+    while spent == 0.0 or spent < budget_s:
+        for name, denoise in engines.items():
+            start = time.perf_counter()
+            denoise(x, t)
+            times[name].append(time.perf_counter() - start)
+            spent += times[name][-1]
+    return {name: statistics.median(calls) for name, calls in times.items()}
 
 
 class AutoDenoiser:
@@ -112,19 +122,16 @@ class AutoDenoiser:
         if len(engines) == 1:  # nothing to choose between: no timing
             choice = {"engine": engines[0], "why": "the only candidate"}
             return self._keep(batch, choice, self._build(engines[0]))
-        times, built, refused = {}, {}, {}
+        built, refused = {}, {}
         for name in engines:
             try:
                 built[name] = self._build(name)
             except UserError as e:  # this engine cannot run this dtype on this machine
                 refused[name] = str(e)
-                continue
-            times[name] = time_engine(built[name], x, t, BUDGET_S / len(engines))
-            if name != min(times, key=times.get):
-                del built[name]  # a loser's memory goes now, before the next engine is built
-        if not times:
+        if not built:
             raise UserError(f"no installed engine runs {dtype_name(self.dtype)} on this CPU; "
                             "use --dtype fp32")
+        times = time_engines(built, x, t, BUDGET_S)
         best = min(times, key=times.get)
         choice = {"engine": best, "ms": {n: round(1e3 * s, 2) for n, s in times.items()},
                   "refused": refused}

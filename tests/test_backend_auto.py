@@ -59,6 +59,25 @@ def fakes(monkeypatch):
     _registry.pop("test-refuses")
 
 
+def test_engines_take_turns_when_timed():
+    """One call each a round (after a warm-up call each), so load from elsewhere slows every
+    engine alike; at least one round whatever the budget; a median per engine."""
+    calls = []
+
+    def engine(name):
+        def denoise(x, t):
+            calls.append(name)
+            return x
+        return denoise
+
+    x, t = torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
+    times = autoselect.time_engines({n: engine(n) for n in "abc"}, x, t, budget_s=0.0)
+    assert calls == list("abc") * 2 and set(times) == set("abc")
+    calls.clear()
+    autoselect.time_engines({n: engine(n) for n in "ab"}, x, t, budget_s=1e-4)
+    assert len(calls) >= 4 and calls == list("ab") * (len(calls) // 2)  # whole rounds only
+
+
 def test_auto_is_the_default():
     assert SamplingOptions().backend == "auto" and get_backend("auto") is autoselect.AUTO
 
