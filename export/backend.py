@@ -5,6 +5,7 @@ and run by the engine's runner on torch buffers."""
 from __future__ import annotations
 
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -22,15 +23,14 @@ from . import require_onnx_export
 def _eps_onnx(model: DiffusionModel, dtype: torch.dtype, workdir: Path) -> Path:
     """The model's ε graph in `dtype` as an ONNX file: from the disk cache (exported and validated
     into it on a miss), or exported into `workdir` where the cache cannot be written."""
-    import onnx
-
-    from .onnx import OnnxOptions, export_onnx
-
     def write(folder: Path) -> None:
+        # imported on a miss only: onnx takes ~0.7 s to import, a third of a warm cold start
+        from .onnx import OnnxOptions, export_onnx
+
         export_onnx(model, folder / "eps.onnx", OnnxOptions(dtype=dtype_name(dtype), what="eps"), log=None)
 
     key = {"model": model_hash(model), "dtype": dtype_name(dtype), "torch": torch.__version__,
-           "onnx": onnx.__version__, "fastddpm": __version__}
+           "onnx": version("onnx"), "fastddpm": __version__}
     folder = disk_cache.load("onnx", key) or disk_cache.store("onnx", key, write)
     if folder is None:
         write(workdir)
