@@ -7,7 +7,7 @@ together, for about a second in all after one warm-up call each, and keeps the f
 (model, batch size, dtype, threads). The engines take turns, one call each a round, and each
 one's median call counts, so a burst of load from elsewhere on a shared machine slows every
 engine alike rather than the one being timed (timed one after another, such bursts picked
-engines 40-75 % slower per step than the best: benchmarks/results/cpu-20261204T220521Z). All
+engines 40-75 % slower per step than the best: benchmarks/results/cpu-20261204). All
 candidates are alive while they take turns; the losers go with the pick. The pick is kept in
 this denoiser (which sessions keeps for the process) and in the disk cache, so a fresh process
 builds only the winner. An engine that cannot run the dtype here is skipped. What was picked
