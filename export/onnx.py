@@ -156,6 +156,9 @@ def export_onnx(model: DiffusionModel, out: str | os.PathLike, options: OnnxOpti
     if validate_with_ort:
         validation_device(options.dtype)
     table = model.table(options.sampling) if "step" in paths else None  # only the step graph has one
+    if table is not None and table.history_kind != "x0":
+        raise UserError(f"the step graph carries an x̂0 history only, not the ε history of "
+                        f"{table.name}; export ddpm, ddim, dpm++, dpm++3m or a unipc sampler")
     reference = _cast(model, "fp32")  # validation compares against the fp32 model on the CPU
     lowered = _cast(model, options.dtype)
     dtype = DTYPES[options.dtype]
