@@ -85,9 +85,10 @@ def metadata(model: DiffusionModel, graph: str, options: OnnxOptions, opset: int
         info["sampler"] = {"name": table.name, "steps": sampling.steps, "eta": sampling.eta,
                            "spacing": sampling.spacing, "clip": table.clip,
                            "num_steps": table.num_steps, "history": table.history,
-                           "timesteps": table.timesteps.tolist()}
+                           "history_kind": table.history_kind, "timesteps": table.timesteps.tolist()}
         props = {f"{METADATA_KEY}.num_steps": str(table.num_steps),
-                 f"{METADATA_KEY}.history": str(table.history)}
+                 f"{METADATA_KEY}.history": str(table.history),
+                 f"{METADATA_KEY}.history_kind": table.history_kind}
     return {METADATA_KEY: json.dumps(info), f"{METADATA_KEY}.graph": graph, **props}
 
 
@@ -156,9 +157,6 @@ def export_onnx(model: DiffusionModel, out: str | os.PathLike, options: OnnxOpti
     if validate_with_ort:
         validation_device(options.dtype)
     table = model.table(options.sampling) if "step" in paths else None  # only the step graph has one
-    if table is not None and table.history_kind != "x0":
-        raise UserError(f"the step graph carries an x̂0 history only, not the ε history of "
-                        f"{table.name}; export ddpm, ddim, dpm++, dpm++3m or a unipc sampler")
     reference = _cast(model, "fp32")  # validation compares against the fp32 model on the CPU
     lowered = _cast(model, options.dtype)
     dtype = DTYPES[options.dtype]

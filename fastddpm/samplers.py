@@ -49,6 +49,9 @@ class SamplerTable:
     clip: bool  # clip x̂0 to [−1, 1]
     history_kind: str = "x0"  # x0 | eps: what d1..d3 weigh, and what the history ring keeps
 
+    def __post_init__(self) -> None:
+        assert self.history_kind in HISTORY_KINDS, self.history_kind
+
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)

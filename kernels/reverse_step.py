@@ -103,8 +103,7 @@ if HAS_TRITON:
     def _reverse_step_kernel(
         x_ptr,  # (B, C, H, W) x_t, fp32/fp16/bf16, dense in NCHW or NHWC memory order
         eps_ptr,  # like x: ε
-        ring_ptr,  # (HISTORY, *x.shape), each slot like x: x̂0 (ε if EPS_HISTORY) of step s in slot
-        # s mod HISTORY
+        ring_ptr,  # (HISTORY, *x.shape), slots like x: x̂0 (EPS_HISTORY: ε) of step s in slot s mod HISTORY
         out_ptr,  # like x: x_prev (may be x itself: each element is read before it is written)
         x0_out_ptr,  # like x: x̂0 (written only if STORE_X0)
         coef_ptr,  # (S, ROW) float32 contiguous: c_x, c_e, a, b, c, d_1 … d_{ROW−6}, σ per step
@@ -133,7 +132,7 @@ if HAS_TRITON:
 
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
         e = tl.load(eps_ptr + offs, mask=mask).to(tl.float32)
-        past = tl.zeros_like(x)
+        past = tl.zeros_like(x)  # Σ_k d_k · (x̂0 or ε of step i − k)
         for k in tl.static_range(1, HISTORY + 1):
             d_k = tl.load(row + 4 + k)
             if d_k != 0.0:  # warm-up rows and first-order steps read fewer slots
