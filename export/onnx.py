@@ -85,9 +85,10 @@ def metadata(model: DiffusionModel, graph: str, options: OnnxOptions, opset: int
         info["sampler"] = {"name": table.name, "steps": sampling.steps, "eta": sampling.eta,
                            "spacing": sampling.spacing, "clip": table.clip,
                            "num_steps": table.num_steps, "history": table.history,
-                           "timesteps": table.timesteps.tolist()}
+                           "history_kind": table.history_kind, "timesteps": table.timesteps.tolist()}
         props = {f"{METADATA_KEY}.num_steps": str(table.num_steps),
-                 f"{METADATA_KEY}.history": str(table.history)}
+                 f"{METADATA_KEY}.history": str(table.history),
+                 f"{METADATA_KEY}.history_kind": table.history_kind}
     return {METADATA_KEY: json.dumps(info), f"{METADATA_KEY}.graph": graph, **props}
 
 

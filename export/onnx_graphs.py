@@ -2,13 +2,16 @@
 
 ε graph:    x (B, C, H, W), t int64 (B,)                      → eps (B, C, H, W)
 step graph: x (B, C, H, W), step int64 (1,), noise (B, C, H, W)
-            [, x0_history (K, B, C, H, W) for multistep samplers]  → x_prev, x0 (B, C, H, W)
+            [, x0_history | eps_history (K, B, C, H, W) for multistep samplers]
+            → x_prev, x0 [, eps with eps_history] (B, C, H, W)
 
 The step graph carries the sampler table (timesteps and coefficients) as constants, so a host
 needs only `for step in range(S): x, x0 = run(x, step, noise_step)`; t = timesteps[step] and the
 update of `kernels.reverse_step_reference` happen inside. A multistep sampler (K = its
 `table.history` > 0) also reads the x̂0 ring of the runtime's kernel: the x0 of step s in slot
 s mod K, zero before the first step — the host writes each step's x0 output into slot step mod K.
+A table with an ε history (iPNDM; metadata `history_kind` "eps") reads `eps_history` instead, a
+ring of the model's ε, and returns that ε as a third output, which the host keeps the same way.
 No If/Loop/Scan: the ORT CUDA EP and TensorRT can graph-capture it. GroupNorm becomes ONNX
 GroupNormalization (per-channel scale and bias) from opset 21 and an InstanceNormalization
 decomposition below that; either way its statistics are computed in float32, also in fp16/bf16
@@ -32,6 +35,8 @@ from fastddpm.unet import UNet
 
 EPS_INPUTS, EPS_OUTPUTS = ("x", "t"), ("eps",)
 STEP_INPUTS, STEP_OUTPUTS = ("x", "step", "noise", "x0_history"), ("x_prev", "x0")
+# the ring's input and the output the host writes into it, by the table's history_kind
+HISTORY_IO = {"x0": ("x0_history", "x0"), "eps": ("eps_history", "eps")}
 GROUPNORM_NATIVE_OPSET = 21  # GroupNormalization with per-channel scale/bias (18 had per-group)
 MIN_OPSET = 18  # the torch.onnx (dynamo) exporter's own opset; older ones it cannot write
 BF16_MIN_OPSET = 22  # Conv, Gemm and InstanceNormalization accept bfloat16 from opset 22
@@ -50,19 +55,29 @@ class StepGraph(nn.Module):
         self.clip = table.clip
 
     def forward(self, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor,
-                x0_history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                x0_history: torch.Tensor | None = None, eps_history: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, ...]:
         t = self.timesteps.index_select(0, step).expand(x.shape[0])
         eps = self.unet(x, t)
         row = self.coef.index_select(0, step).squeeze(0)
-        past = ring_history(x0_history, step) if x0_history is not None else None
-        return kernels.reverse_step_reference(x, eps, row, noise, past, self.clip)
+        ring = x0_history if eps_history is None else eps_history
+        past = ring_history(ring, step) if ring is not None else None
+        x_prev, x0 = kernels.reverse_step_reference(x, eps, row, noise, past, self.clip,
+                                                    eps_history=eps_history is not None)
+        return (x_prev, x0) if eps_history is None else (x_prev, x0, eps)
+
+
+def step_outputs(table: SamplerTable) -> tuple[str, ...]:
+    """The step graph's outputs: x_prev, x0, and eps where the host keeps an ε ring."""
+    return STEP_OUTPUTS + (("eps",) if table.history and table.history_kind == "eps" else ())
 
 
 def example_inputs(graph: str, image_shape: tuple[int, ...], batch: int, dtype: torch.dtype,
                    num_steps: int = 1, history: int = 0,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                   generator: torch.Generator | None = None,
+                   history_kind: str = "x0") -> dict[str, torch.Tensor]:
     """Random inputs (never zeros) for the ε or step graph, by input name; `history` slots of
-    x̂0 ring for a multistep sampler's step graph."""
+    x̂0 ring (ε ring: history_kind "eps") for a multistep sampler's step graph."""
     def image(*lead: int) -> torch.Tensor:
         return torch.randn((*lead, batch, *image_shape), generator=generator).to(dtype)
 
@@ -71,7 +86,7 @@ def example_inputs(graph: str, image_shape: tuple[int, ...], batch: int, dtype: 
     inputs = {"x": image(), "step": torch.randint(0, num_steps, (1,), generator=generator),
               "noise": image()}
     if history:
-        inputs["x0_history"] = image(history)
+        inputs[HISTORY_IO[history_kind][0]] = image(history)
     return inputs
 
 
@@ -101,7 +116,7 @@ def trace_to_onnx(module: nn.Module, inputs: dict[str, torch.Tensor], output_nam
                   opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     """torch.export the module on `inputs` (names = forward's argument names) → ONNX at `opset`."""
     batch = torch.export.Dim("batch", min=1, max=4096) if dynamic_batch else None
-    batch_dim = {"step": None, "x0_history": 1}  # the ring's slots come first
+    batch_dim = {"step": None, "x0_history": 1, "eps_history": 1}  # the ring's slots come first
     dynamic_shapes = {name: ({batch_dim.get(name, 0): batch} if batch is not None and name != "step"
                              else None) for name in inputs}
     with _quiet_exporter(), torch.no_grad():
@@ -137,5 +152,5 @@ def step_graph(unet: UNet, table: SamplerTable, dtype: torch.dtype, batch: int |
     module = StepGraph(unet, table).eval()
     inputs = example_inputs("step", (cfg.in_channels, cfg.image_size, cfg.image_size),
                             batch or TRACE_BATCH, dtype, table.num_steps, table.history,
-                            generator=_trace_generator())
-    return trace_to_onnx(module, inputs, STEP_OUTPUTS, opset, batch is None)
+                            generator=_trace_generator(), history_kind=table.history_kind)
+    return trace_to_onnx(module, inputs, step_outputs(table), opset, batch is None)

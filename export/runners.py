@@ -1,7 +1,7 @@
 """Runners over exported graphs: name-based I/O on torch tensors, one interface for every engine.
 
 `runner(**inputs) -> {output name: tensor}` with inputs named as in onnx_graphs (x, t / x, step,
-noise[, x0_history]); every output has the shape of `x`. `OrtRunner` runs ONNX Runtime with
+noise[, x0_history | eps_history]); every output has the shape of `x`. `OrtRunner` runs ONNX Runtime with
 IOBinding on torch buffers, on the CPU and on CUDA alike; `tensorrt.TensorRTRunner` is the same
 contract over a TensorRT engine. `export.backend` turns either into a `denoise(x, t)` backend.
 """

@@ -6,7 +6,10 @@ This is the Python twin of export/cpp/main.cpp, and the contract between them:
   the S steps (the graph multiplies z by σ of the step; σ = 0 at the last step);
 - x0_history, for multistep samplers (metadata `history` = K > 0: DPM-Solver++, UniPC), is a ring
   (K, N, C, H, W) that starts at zero; after step s the host writes the x0 output into slot
-  s mod K (the graph reads x̂0 of step s − k from slot (s − k) mod K).
+  s mod K (the graph reads x̂0 of step s − k from slot (s − k) mod K);
+- with metadata `history_kind` "eps" (iPNDM) the ring is the input eps_history instead, and the
+  host writes the graph's eps output into it the same way. Graphs exported before the key existed
+  have an x̂0 ring.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from fastddpm.errors import UserError
 from fastddpm.files import atomic_write
 
 from .onnx import METADATA_KEY
+from .onnx_graphs import HISTORY_IO
 
 
 def step_graph_info(path: str | Path) -> dict:
@@ -51,18 +55,21 @@ def read_noise_file(path: str | Path, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(data.reshape(shape))
 
 
-def sample_with_step_graph(runner, noise: torch.Tensor, history: int) -> torch.Tensor:
+def sample_with_step_graph(runner, noise: torch.Tensor, history: int,
+                           history_kind: str = "x0") -> torch.Tensor:
     """x_0 (N, C, H, W) from x_T = noise[0] and step noise noise[1:], with a step-graph runner;
-    `history`: the graph's x̂0 ring slots (its metadata's sampler.history)."""
+    `history`: the graph's ring slots (its metadata's sampler.history), of x̂0 or ε
+    (`history_kind`, its sampler.history_kind)."""
     x = noise[0]
     ring = torch.zeros((history, *x.shape), dtype=x.dtype)
+    ring_input, kept = HISTORY_IO[history_kind]
     for step in range(noise.shape[0] - 1):
         inputs = {"x": x, "step": torch.tensor([step]), "noise": noise[step + 1]}
         if history:
-            inputs["x0_history"] = ring
+            inputs[ring_input] = ring
         out = runner(**inputs)
         x = out["x_prev"]
         if history:
             ring = ring.clone()  # a runner may hand back views of its own buffers
-            ring[step % history] = out["x0"]
+            ring[step % history] = out[kept]
     return x

@@ -17,7 +17,7 @@ from fastddpm.errors import UserError
 from fastddpm.samplers import COEF_FIELDS, SamplerTable
 from fastddpm.unet import UNet
 
-from .onnx_graphs import TRACE_BATCH, StepGraph, example_inputs
+from .onnx_graphs import TRACE_BATCH, StepGraph, example_inputs, step_outputs
 from .runners import OrtRunner, import_onnxruntime
 
 # max error (as above) an export may show against PyTorch fp32, per graph dtype: fp32 leaves
@@ -55,14 +55,14 @@ def compare(run, unet: UNet, graph: str, dtype: str, batch: int | None,
     c_e = table.coef[:, COEF_FIELDS.index("c_e")]
     for step in sorted({0, table.num_steps // 2, table.num_steps - 1}):  # noisiest, middle, last
         inputs = example_inputs("step", shape, _batch(batch), DTYPES[dtype], table.num_steps,
-                                table.history, generator=gen)
+                                table.history, generator=gen, history_kind=table.history_kind)
         inputs["step"] = torch.tensor([step])
         got = run(**inputs)
         with torch.no_grad():
             want = reference(**{k: (v.float() if v.is_floating_point() else v)
                                 for k, v in inputs.items()})
         step_tol = tol * (1.0 + float(c_e[step]))
-        for name, w in zip(("x_prev", "x0"), want, strict=True):
+        for name, w in zip(step_outputs(table), want, strict=True):
             abs_err, err = graph_error(got[name], w)
             if not err / step_tol <= worst[1] / worst[2]:  # NaN counts as worst
                 worst = (abs_err, err, step_tol)

@@ -106,7 +106,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, execution: bool = True) -
     g.add_argument("--sampler", default=d.sampler, choices=list(SAMPLERS),
                    help="ddpm: the paper's ancestral sampler; ddim; dpm++, dpm++3m: DPM-Solver++(2M), "
                         "(3M); unipc, unipc3: UniPC of order 2, 3 (B(h) = e^h − 1; -bh1: B(h) = h); "
-                        "multistep solvers run at lower order where fewer steps exist "
+                        "ipndm, ipndm2, ipndm3: iPNDM (Adams-Bashforth on ε over DDIM) of order 4, "
+                        "2, 3; multistep solvers run at lower order where fewer steps exist "
                         "(default: %(default)s). `--sampler ddpm --steps 1000` is the paper's "
                         "exact procedure")
     fast = ", ".join(f"{n} for {s}" for s, n in FAST_STEPS.items())

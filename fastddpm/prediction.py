@@ -45,9 +45,14 @@ def noise_coefficients(prediction: str, alphas_cumprod: torch.Tensor) -> tuple[t
 def for_prediction(table: SamplerTable, alphas_cumprod: torch.Tensor, prediction: str) -> SamplerTable:
     """`table` (built for ε) for a model that predicts `prediction`; alphas_cumprod: ᾱ (T,) of
     the schedule. x̂0 = (c_x − c_e q_x) x_t − (c_e q_m) m and c·ε = c q_x x_t + c q_m m."""
+    check_prediction(prediction)
     if prediction == "epsilon":
-        check_prediction(prediction)
         return table
+    # an ε-history ring keeps the model's output m, and an earlier step's ε is q_x·x + q_m·m at
+    # that step's x, which no ring holds: such tables run ε-prediction models only
+    if table.history_kind == "eps":
+        raise UserError(f"the {table.name} sampler keeps a history of ε and runs ε-prediction "
+                        f"models only; this model predicts {prediction} (use unipc or dpm++)")
     q_x, q_m = noise_coefficients(prediction, alphas_cumprod[table.timesteps])
     coef = table.coef.clone()
     c_x, c_e, b, c = (COEF_FIELDS.index(name) for name in ("c_x", "c_e", "b", "c"))

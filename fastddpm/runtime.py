@@ -24,15 +24,17 @@ from .options import MAX_BATCH, SamplingOptions
 
 class _Buffers:
     """The state one step reads and writes, at fixed addresses (what a CUDA graph needs).
-    history: the x̂0 ring of a multistep sampler (its `table.history` slots; the x̂0 of step i in
-    slot i mod K), None for one-step samplers. x0: the step's x̂0 for an `on_step` callback when
-    there is no ring to read it from; otherwise None — nobody reads it, so it is not written."""
+    history: the ring of a multistep sampler (its `table.history` slots; the x̂0 — or, for an
+    ε-history table, the ε — of step i in slot i mod K), None for one-step samplers. x0: the
+    step's x̂0 for an `on_step` callback when there is no x̂0 ring to read it from; otherwise
+    None — nobody reads it, so it is not written."""
 
     def __init__(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
-                 history: int, store_x0: bool):
+                 history: int, eps_history: bool, store_x0: bool):
         self.x = torch.empty(shape, device=device, dtype=dtype)
         self.history = kernels.new_history(self.x, history) if history else None
-        self.x0 = torch.empty(shape, device=device, dtype=dtype) if store_x0 and not history else None
+        self.x0_in_ring = bool(history) and not eps_history
+        self.x0 = torch.empty(shape, device=device, dtype=dtype) if store_x0 and not self.x0_in_ring else None
         self.step = torch.zeros(1, device=device, dtype=torch.int64)
         self.rng = torch.zeros(2, device=device, dtype=torch.int64)  # (seed, first sample index)
 
@@ -45,7 +47,7 @@ class _Buffers:
 
     def x0_of(self, step: int) -> torch.Tensor:
         """The x̂0 step `step` (just run) wrote."""
-        return self.x0 if self.history is None else self.history[step % self.history.shape[0]]
+        return self.history[step % self.history.shape[0]] if self.x0_in_ring else self.x0
 
 
 class Sampler:
@@ -75,14 +77,15 @@ class Sampler:
     def _step(self, buf: _Buffers) -> None:
         t = self.timesteps.index_select(0, buf.step).expand(buf.x.shape[0])
         eps = self.denoise(buf.x, t)
-        # in place: x_prev over x, x̂0 into the ring (each element is read before it is written)
+        # in place: x_prev over x, x̂0 (or ε) into the ring (each element is read before it is written)
         kernels.reverse_step(buf.x, eps, self.coef, buf.step, buf.rng, buf.history, self.table.clip,
-                             out=buf.x, x0_out=buf.x0, return_x0=False)
+                             out=buf.x, x0_out=buf.x0, return_x0=False,
+                             eps_history=self.table.history_kind == "eps")
         buf.step.add_(1)
 
     def _buffers(self, batch: int, store_x0: bool) -> _Buffers:
         return _Buffers((batch, *self.image_shape), self.device, self.dtype, self.table.history,
-                        store_x0)
+                        self.table.history_kind == "eps", store_x0)
 
     def _graph_for(self, batch: int, store_x0: bool, x_T: torch.Tensor, seed: int, first: int):
         key = (batch, store_x0)
@@ -114,7 +117,7 @@ class Sampler:
         """Samples `first .. first+batch−1` of the stream `seed`.
 
         on_step(i, x̂0) sees every step's predicted x_0 (progressive generation); without it
-        x̂0 is not even stored, unless the sampler keeps it as history (its ring). on_progress(i) is told
+        x̂0 is not even stored, unless the sampler keeps it as history (an x̂0 ring). on_progress(i) is told
         of each step done. x_start (batch, C, H, W) replaces x_T: a point on the chain at the
         table's first timestep (`Sampler(start=t)`)."""
         if x_start is None:

@@ -11,6 +11,15 @@ with z ~ N(0, I) and x̂0_{i−k} the x̂0 of k steps before (zero before the fi
 The built-in samplers step from x̂0's and x_t alone (c = 0): DDPM's posterior mean, DDIM with the
 ε that x̂0 implies, the multistep solvers' data prediction (fastddpm/solvers.py: DPM-Solver++(2M)
 and (3M), UniPC); c·ε is the model's raw ε, for updates that take it beside x̂0.
+
+A table's `history_kind` says what the d's weigh. "x0": as above. "eps" (iPNDM): the model's ε
+of earlier steps, mixed into ε before x̂0 is formed —
+
+    ε'     = ε + d1 · ε_{i−1} + d2 · ε_{i−2} + d3 · ε_{i−3}
+    x̂0     = c_x · x_t − c_e · ε'            (clipped to [−1, 1] when the table says so)
+    x_prev = a · x̂0 + b · x_t + c · ε' + σ · z
+
+so a multistep combination Σ w_k ε_{i−k} is the row c_e·w_0, d_k = w_k/w_0 (w_0 ≠ 0).
 """
 from __future__ import annotations
 
@@ -23,10 +32,11 @@ import torch
 
 from .errors import UserError
 from .schedule import Schedule
-from .solvers import HISTORY, UNIPC_VARIANTS, dpmpp_multistep, unipc
+from .solvers import HISTORY, UNIPC_VARIANTS, adams_bashforth, dpmpp_multistep, unipc
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr", "tuned")
 VARIANCES = ("fixed_large", "fixed_small")
+HISTORY_KINDS = ("x0", "eps")  # what a table's d columns weigh (see the module docstring)
 # d1..dk weigh the x̂0 of the k previous steps (as many as solvers.HISTORY); σ stays last
 COEF_FIELDS = ("c_x", "c_e", "a", "b", "c", *(f"d{k}" for k in range(1, HISTORY + 1)), "sigma")
 
@@ -37,6 +47,10 @@ class SamplerTable:
     timesteps: torch.Tensor  # int64 (S,): the model's t at each step, descending
     coef: torch.Tensor  # float64 (S, len(COEF_FIELDS)): columns COEF_FIELDS
     clip: bool  # clip x̂0 to [−1, 1]
+    history_kind: str = "x0"  # x0 | eps: what d1..d3 weigh, and what the history ring keeps
+
+    def __post_init__(self) -> None:
+        assert self.history_kind in HISTORY_KINDS, self.history_kind
 
     @property
     def num_steps(self) -> int:
@@ -44,7 +58,7 @@ class SamplerTable:
 
     @property
     def history(self) -> int:
-        """How many earlier x̂0's a step reads: the last d_k column with a nonzero entry."""
+        """How many earlier x̂0's (or ε's) a step reads: the last d_k column with a nonzero entry."""
         first = COEF_FIELDS.index("d1")
         used = (self.coef[:, first:first + HISTORY] != 0).any(dim=0).nonzero()
         return int(used.max()) + 1 if len(used) else 0
@@ -143,13 +157,14 @@ def _alphas_cumprod_pairs(schedule: Schedule, ts: list[int]) -> tuple[torch.Tens
     return ac_t, ac_prev
 
 
-def _table(name: str, ts: list[int], clip: bool, ac_t: torch.Tensor, **cols) -> SamplerTable:
+def _table(name: str, ts: list[int], clip: bool, ac_t: torch.Tensor, history_kind: str = "x0",
+           **cols) -> SamplerTable:
     coef = torch.zeros(len(ts), len(COEF_FIELDS), dtype=torch.float64)
     coef[:, 0] = ac_t.rsqrt()  # c_x = 1/√ᾱ_t        (x̂0 from eq. 4 solved for x0)
     coef[:, 1] = (1.0 / ac_t - 1.0).sqrt()  # c_e = √(1/ᾱ_t − 1)
     for key, value in cols.items():
         coef[:, COEF_FIELDS.index(key)] = value
-    return SamplerTable(name, torch.tensor(ts, dtype=torch.int64), coef, clip)
+    return SamplerTable(name, torch.tensor(ts, dtype=torch.int64), coef, clip, history_kind)
 
 
 def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
@@ -190,9 +205,30 @@ def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
     # σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (eq. 16)
     sigma = eta * ((1.0 - ac_prev) / (1.0 - ac_t) * (1.0 - ac_t / ac_prev)).sqrt()
+    return _table("ddim", ts, clip, ac_t, **_ddim_update(ac_t, ac_prev, sigma), sigma=sigma)
+
+
+def _ddim_update(ac_t: torch.Tensor, ac_prev: torch.Tensor, sigma: torch.Tensor | float = 0.0
+                 ) -> dict[str, torch.Tensor]:
+    """DDIM's a, b: √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂ with ε̂ = (x_t − √ᾱ_t x̂0)/√(1 − ᾱ_t)."""
     direction = (1.0 - ac_prev - sigma**2).clamp(min=0.0).sqrt() / (1.0 - ac_t).sqrt()
-    return _table("ddim", ts, clip, ac_t, a=ac_prev.sqrt() - direction * ac_t.sqrt(), b=direction,
-                  sigma=sigma)
+    return {"a": ac_prev.sqrt() - direction * ac_t.sqrt(), "b": direction}
+
+
+def ipndm_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
+                clip: bool, order: int = 4, start: int | None = None) -> SamplerTable:
+    """iPNDM (solvers.adams_bashforth): deterministic DDIM from each visited t to the next with
+    ε' = Σ_k w_k ε_{i−k}, the Adams–Bashforth combination of the last min(order, i + 1) ε's, in
+    place of ε — x̂0 = (x_t − √(1−ᾱ_t) ε')/√ᾱ_t (clipped), and the direction the clipped x̂0
+    implies, as `ddim_table`. An ε-history table: w_0 goes into c_e, w_k/w_0 into d_k."""
+    ts = timestep_sequence(schedule, steps, spacing, start)
+    ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
+    weights = torch.from_numpy(adams_bashforth(len(ts), order))
+    ratios = {f"d{k}": weights[:, k] / weights[:, 0] for k in range(1, HISTORY + 1)}
+    name = "ipndm" if order == 4 else f"ipndm{order}"
+    table = _table(name, ts, clip, ac_t, "eps", **_ddim_update(ac_t, ac_prev), **ratios)
+    table.coef[:, COEF_FIELDS.index("c_e")] *= weights[:, 0]
+    return table
 
 
 def _multistep_table(name: str, schedule: Schedule, steps: int | None, spacing: str,
@@ -254,6 +290,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "unipc-bh1": SamplerSpec(partial(unipc_table, order=2, variant="bh1"), ()),
     "unipc3": SamplerSpec(partial(unipc_table, order=3, variant="bh2"), ()),
     "unipc3-bh1": SamplerSpec(partial(unipc_table, order=3, variant="bh1"), ()),
+    "ipndm": SamplerSpec(partial(ipndm_table, order=4), ()),  # the classic: up to 4 ε's
+    "ipndm2": SamplerSpec(partial(ipndm_table, order=2), ()),
+    "ipndm3": SamplerSpec(partial(ipndm_table, order=3), ()),
 }
 
 

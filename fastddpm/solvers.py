@@ -22,6 +22,10 @@ With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ), h_i = λ_{i+1} − λ_i (l
 
 The last step goes to ᾱ = 1 (σ = 0, λ = ∞), where every solver's first-order step is x_0 = x̂0.
 A grid with fewer steps than the order runs at the order its points allow (the warm-up above).
+
+- iPNDM (Zhang & Chen 2023, "DEIS", its improved PNDM; as in zju-pi/diff-sampler): DDIM over
+  an Adams–Bashforth combination of the newest ε's instead of ε (`adams_bashforth`), with fixed
+  coefficients whatever the grid. It mixes ε's, not x̂0's: its tables keep an ε history.
 """
 from __future__ import annotations
 
@@ -29,8 +33,11 @@ import math
 
 import numpy as np
 
-HISTORY = 3  # x̂0 of the last 3 steps: UniPC-3's corrector reads x̂0_{i−1} … x̂0_{i−3}
+HISTORY = 3  # the last 3 steps: UniPC-3's corrector reads x̂0_{i−1} … x̂0_{i−3}, iPNDM ε_{i−1} … ε_{i−3}
 UNIPC_VARIANTS = ("bh1", "bh2")
+# Adams–Bashforth weights of ε_i, ε_{i−1}, … (newest first), by how many ε's exist (at most 4)
+ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                   4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 def _lambdas(ac: np.ndarray) -> np.ndarray:
@@ -170,3 +177,14 @@ def unipc(ac_t: np.ndarray, ac_next: np.ndarray, order: int, variant: str) -> np
                 + _unipc_terms(lam, ac, f, i, orders[i], variant, corrector=False))
         rows[i] = f.row(form, i)
     return rows
+
+
+def adams_bashforth(n: int, order: int) -> np.ndarray:
+    """(n, 1 + HISTORY): the weights of ε_i, ε_{i−1} … ε_{i−HISTORY} at each of n steps, of
+    order min(order, i + 1) (warm-up: the ε's seen so far; no lower-order final step)."""
+    assert order in ADAMS_BASHFORTH
+    weights = np.zeros((n, 1 + HISTORY))
+    for i in range(n):
+        used = ADAMS_BASHFORTH[min(order, i + 1)]
+        weights[i, :len(used)] = used
+    return weights

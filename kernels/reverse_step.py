@@ -9,6 +9,10 @@ for k = 1..K and writes its own x̂0 into slot i mod K (the slot of x̂0_{i−K}
 so the history costs one write per step, and the slots' roles follow from `step` alone — on the
 device, with no host work. A row's d_k = 0 skips that slot's read.
 
+With an ε history (`eps_history`, iPNDM's tables) the ring keeps the model's raw ε instead, and
+the d_k mix it into ε before x̂0 is formed: ε' = ε + Σ_k d_k · ε_{i−k}, then x̂0 and x_prev as
+above with ε' for ε and no Σ_k term of their own.
+
 All arithmetic in float32 (float64 in the reference when given float64), I/O in the input dtype.
 z is drawn from (seed, global sample index, step, element) by `noise.gaussian`; the kernel draws
 the same numbers in registers, so nothing is stored — one Philox draw per four elements where
@@ -35,10 +39,12 @@ BLOCK = 1024  # elements per program: 4 warps × 32 lanes × 8 (two 16-byte fp32
 def reverse_step_reference(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
                            z: torch.Tensor | None = None,
                            history: Sequence[torch.Tensor | None] | None = None,
-                           clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           clip: bool = False, *, eps_history: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch. x, eps, z: (B, ...); coef: one table row (c_x, c_e, a, b, c, d1 … dk, σ);
     history: x̂0 of the previous steps, newest first (history[k−1] = x̂0_{i−k}, weighed by d_k;
-    None or missing = not read, its d_k must be 0). Returns (x_prev, x̂0)."""
+    None or missing = not read, its d_k must be 0) — or, with eps_history, their raw ε, mixed
+    into ε before x̂0 (see the module docstring). Returns (x_prev, x̂0)."""
     if isinstance(history, torch.Tensor):  # a (B, ...) x̂0_prev would be iterated over its batch
         raise TypeError("history is a sequence of x̂0 tensors, newest first (ring_history reads a ring)")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -46,20 +52,23 @@ def reverse_step_reference(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tenso
     c_x, c_e, a, b, c = row[:5].unbind()
     d, sigma = row[5:-1], row[-1]
     xf, ef = x.to(dtype), eps.to(dtype)
+    past = 0.0  # Σ_k d_k · (x̂0 or ε of step i − k)
+    for d_k, old in zip(d, history or (), strict=False):
+        if old is not None:
+            past = past + d_k * old.to(dtype)
+    if eps_history:
+        ef, past = ef + past, 0.0
     x0 = c_x * xf - c_e * ef
     if clip:
         x0 = x0.clamp(-1.0, 1.0)
-    out = a * x0 + b * xf + c * ef
-    for d_k, x0_k in zip(d, history or (), strict=False):
-        if x0_k is not None:
-            out = out + d_k * x0_k.to(dtype)
+    out = a * x0 + b * xf + c * ef + past
     if z is not None:
         out = out + sigma * z.to(dtype)
     return out.to(x.dtype), x0.to(x.dtype)
 
 
 def ring_history(ring: torch.Tensor, step: torch.Tensor) -> list[torch.Tensor]:
-    """The x̂0 ring (K, B, ...) — x̂0 of step s in slot s mod K — as history for step `step`
+    """The ring (K, B, ...) — x̂0 (or ε) of step s in slot s mod K — as history for step `step`
     (int64 (1,), on the device: no sync), newest first: slot (step − k) mod K for k = 1..K."""
     k = ring.shape[0]
     ages = torch.arange(1, k + 1, device=ring.device)
@@ -67,19 +76,19 @@ def ring_history(ring: torch.Tensor, step: torch.Tensor) -> list[torch.Tensor]:
 
 
 def new_history(x: torch.Tensor, slots: int) -> torch.Tensor:
-    """A zeroed x̂0 ring (slots, *x.shape) whose every slot has x's dtype and memory layout."""
+    """A zeroed x̂0 (or ε) ring (slots, *x.shape) whose every slot has x's dtype and memory layout."""
     fmt = dense_layout(x)
     flat = torch.zeros((slots * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     return flat.contiguous(memory_format=fmt).view(slots, *x.shape)
 
 
-def _reference_step(x, eps, coef, step, rng, history, clip):
+def _reference_step(x, eps, coef, step, rng, history, clip, eps_history):
     """The reference with the table row, the ring's slots and the noise taken from device
     tensors (no sync)."""
     z = step_noise(rng, step, x.shape[0], tuple(x.shape[1:]))
     row = coef.index_select(0, step.view(1)).view(-1)
     past = ring_history(history, step) if history is not None else None
-    return reverse_step_reference(x, eps, row, z, past, clip)
+    return reverse_step_reference(x, eps, row, z, past, clip, eps_history=eps_history)
 
 
 if HAS_TRITON:
@@ -94,7 +103,7 @@ if HAS_TRITON:
     def _reverse_step_kernel(
         x_ptr,  # (B, C, H, W) x_t, fp32/fp16/bf16, dense in NCHW or NHWC memory order
         eps_ptr,  # like x: ε
-        ring_ptr,  # (HISTORY, *x.shape), each slot like x: x̂0 of step s in slot s mod HISTORY
+        ring_ptr,  # (HISTORY, *x.shape), slots like x: x̂0 (EPS_HISTORY: ε) of step s in slot s mod HISTORY
         out_ptr,  # like x: x_prev (may be x itself: each element is read before it is written)
         x0_out_ptr,  # like x: x̂0 (written only if STORE_X0)
         coef_ptr,  # (S, ROW) float32 contiguous: c_x, c_e, a, b, c, d_1 … d_{ROW−6}, σ per step
@@ -106,6 +115,7 @@ if HAS_TRITON:
         stream,  # Philox counter word 3: noise.STEP_STREAM
         CLIP: tl.constexpr,
         HISTORY: tl.constexpr,  # slots of the ring (0: no ring), at most ROW − 6
+        EPS_HISTORY: tl.constexpr,  # the ring keeps ε, mixed into ε before x̂0 (iPNDM)
         ROW: tl.constexpr,  # the table's width
         STORE_X0: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,
@@ -122,15 +132,19 @@ if HAS_TRITON:
 
         x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
         e = tl.load(eps_ptr + offs, mask=mask).to(tl.float32)
-        x0 = c_x * x - c_e * e
-        if CLIP:
-            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
-        out = a * x0 + b * x + c * e
+        past = tl.zeros_like(x)  # Σ_k d_k · (x̂0 or ε of step i − k)
         for k in tl.static_range(1, HISTORY + 1):
             d_k = tl.load(row + 4 + k)
             if d_k != 0.0:  # warm-up rows and first-order steps read fewer slots
                 slot = (step + HISTORY - k) % HISTORY
-                out += d_k * tl.load(ring_ptr + slot * numel + offs, mask=mask).to(tl.float32)
+                past += d_k * tl.load(ring_ptr + slot * numel + offs, mask=mask).to(tl.float32)
+        mixed = e + past if EPS_HISTORY else e
+        x0 = c_x * x - c_e * mixed
+        if CLIP:
+            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        out = a * x0 + b * x + c * mixed
+        if not EPS_HISTORY:
+            out += past
         if sigma != 0.0:  # DDIM(η=0), DPM-Solver++ and every last step skip Philox altogether
             per_sample = channels * pixels
             seed = tl.load(rng_ptr)
@@ -155,13 +169,15 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
         if STORE_X0:
             tl.store(x0_out_ptr + offs, x0.to(x0_out_ptr.dtype.element_ty), mask=mask)
-        if HISTORY > 0:  # after every slot was read: this slot held x̂0_{i−HISTORY}
-            tl.store(ring_ptr + (step % HISTORY) * numel + offs, x0.to(ring_ptr.dtype.element_ty),
+        if HISTORY > 0:  # after every slot was read: this slot held x̂0_{i−HISTORY} (or ε)
+            kept = e if EPS_HISTORY else x0
+            tl.store(ring_ptr + (step % HISTORY) * numel + offs, kept.to(ring_ptr.dtype.element_ty),
                      mask=mask)
 
     def reverse_step_launch(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor,
                             step: torch.Tensor, rng: torch.Tensor, history: torch.Tensor | None,
-                            out: torch.Tensor, x0_out: torch.Tensor | None, clip: bool) -> Launch:
+                            out: torch.Tensor, x0_out: torch.Tensor | None, clip: bool,
+                            eps_history: bool = False) -> Launch:
         """The kernel's launch: x, eps, out, x0_out and each slot of the ring `history` (K, *x.shape)
         dense with x's shape and strides; coef (S, 6 + H) float32 contiguous with H ≥ K. Tests
         run it directly under TRITON_INTERPRET=1."""
@@ -174,44 +190,47 @@ if HAS_TRITON:
             _reverse_step_kernel, (triton.cdiv(numel, BLOCK),),
             (x, eps, history if history is not None else x, out, x0_out if x0_out is not None else out,
              coef, step, rng, numel, channels, pixels, STEP_STREAM),
-            dict(CLIP=clip, HISTORY=slots, ROW=coef.shape[1], STORE_X0=x0_out is not None,
+            dict(CLIP=clip, HISTORY=slots, EPS_HISTORY=eps_history, ROW=coef.shape[1],
+                 STORE_X0=x0_out is not None,
                  CHANNELS_LAST=channels_last, QUADS=not channels_last and channels * pixels % 4 == 0,
                  BLOCK=BLOCK), num_warps=4)
 
     @triton_op("fastddpm::reverse_step", mutates_args={"history", "out", "x0_out"})
     def _reverse_step_op(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
                          rng: torch.Tensor, history: torch.Tensor | None, out: torch.Tensor,
-                         x0_out: torch.Tensor | None, clip: bool) -> None:
-        """Writes x_prev into `out`, x̂0 into `x0_out` (if given) and into the ring `history`.
-        Operands are prepared by `reverse_step`: dense, one layout, coef float32 contiguous."""
+                         x0_out: torch.Tensor | None, clip: bool, eps_history: bool) -> None:
+        """Writes x_prev into `out`, x̂0 into `x0_out` (if given) and x̂0 (ε with eps_history)
+        into the ring `history`. Operands are prepared by `reverse_step`: dense, one layout,
+        coef float32 contiguous."""
         if kernel_applies(x):
-            reverse_step_launch(x, eps, coef, step, rng, history, out, x0_out, clip).run()
+            reverse_step_launch(x, eps, coef, step, rng, history, out, x0_out, clip, eps_history).run()
         else:  # reached under torch.compile tracing of CPU or float64 tensors
-            _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip)
+            _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip, eps_history)
 
     @_reverse_step_op.register_kernel("cpu")
-    def _reverse_step_cpu(x, eps, coef, step, rng, history, out, x0_out, clip):
-        _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip)
+    def _reverse_step_cpu(x, eps, coef, step, rng, history, out, x0_out, clip, eps_history):
+        _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip, eps_history)
 
 
-def _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip) -> None:
-    x_prev, x0 = _reference_step(x, eps, coef, step, rng, history, clip)
+def _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip, eps_history) -> None:
+    x_prev, x0 = _reference_step(x, eps, coef, step, rng, history, clip, eps_history)
     out.copy_(x_prev)
     if x0_out is not None:
         x0_out.copy_(x0)
     if history is not None:
-        _store_in_ring(history, step, x0)
+        _store_in_ring(history, step, eps if eps_history else x0)
 
 
-def _store_in_ring(history: torch.Tensor, step: torch.Tensor, x0: torch.Tensor) -> None:
-    """x̂0 of step `step` into slot step mod K, by a device-side index (no sync)."""
-    history.index_copy_(0, torch.remainder(step.view(1), history.shape[0]), x0.unsqueeze(0))
+def _store_in_ring(history: torch.Tensor, step: torch.Tensor, value: torch.Tensor) -> None:
+    """x̂0 (or ε) of step `step` into slot step mod K, by a device-side index (no sync)."""
+    history.index_copy_(0, torch.remainder(step.view(1), history.shape[0]),
+                        value.to(history.dtype).unsqueeze(0))
 
 
 def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
                  rng: torch.Tensor, history: torch.Tensor | None = None, clip: bool = False, *,
                  out: torch.Tensor | None = None, x0_out: torch.Tensor | None = None,
-                 return_x0: bool = True, mode: str = "auto"
+                 return_x0: bool = True, eps_history: bool = False, mode: str = "auto"
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One reverse step with row `step` of the table and noise drawn from `rng`.
 
@@ -220,6 +239,7 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
     of the batch's first sample). Both live on the device so a CUDA graph replays them.
     history: the x̂0 ring (K ≤ H, *x.shape) in x's dtype, each slot in x's layout (`new_history`),
     read and then updated in place (see the module docstring); None for tables without d's.
+    eps_history: the ring keeps ε, not x̂0 (a table whose history_kind is "eps").
     `out` / `x0_out` (x's shape, dtype and layout) receive x_prev / x̂0 in place — `out` may be
     x. With return_x0=False and no x0_out, x̂0 is not returned (None). mode: see
     kernels.dispatch. Returns (x_prev, x̂0)."""
@@ -233,9 +253,9 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
                          f"{coef.shape[1] - 6} d columns: x is {x.dtype} {tuple(x.shape)}, history "
                          f"{history.dtype} {tuple(history.shape)}")
     if not use_fused(mode, x, eps, history):
-        x_prev, x0 = _reference_step(x, eps, coef, step, rng, history, clip)
+        x_prev, x0 = _reference_step(x, eps, coef, step, rng, history, clip, eps_history)
         if history is not None:
-            _store_in_ring(history, step, x0)
+            _store_in_ring(history, step, eps if eps_history else x0)
         if out is not None:
             x_prev = out.copy_(x_prev)
         if x0_out is not None:
@@ -256,5 +276,5 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
                              f"{x.stride()}, a buffer {buffer.stride()}")
     if history is not None and history.stride(0) != x.numel():
         raise ValueError("history's slots must lie back to back (kernels.reverse_step.new_history)")
-    torch.ops.fastddpm.reverse_step(x, eps, coef, step, rng, history, out, x0_out, clip)
+    torch.ops.fastddpm.reverse_step(x, eps, coef, step, rng, history, out, x0_out, clip, eps_history)
     return out, x0_out

@@ -142,6 +142,16 @@ def test_cpp_loop_carries_the_x0_ring_for_multistep_samplers(sampler, tmp_path):
     _compare_loops(sampler, graph, tmp_path)
 
 
+@pytest.mark.slow  # one more export
+def test_cpp_loop_carries_the_eps_ring_of_ipndm(sampler, tmp_path):
+    """iPNDM over 8 steps mixes the ε of 3 earlier steps into ε: the C++ host keeps the graph's
+    eps output in the eps_history ring, as the Python host does."""
+    graph = _export_step_graph(tmp_path, "ipndm")
+    info = step_graph_info(graph)
+    assert info["sampler"]["history"] == 3 and info["sampler"]["history_kind"] == "eps"
+    _compare_loops(sampler, graph, tmp_path)
+
+
 def _compare_loops(sampler, step_graph, tmp_path):
     info = step_graph_info(step_graph)
     shape = noise_shape(info, COUNT)
@@ -153,7 +163,8 @@ def _compare_loops(sampler, step_graph, tmp_path):
                        "--threads", 1, "--out", tmp_path / "grid.ppm", "--raw-out", tmp_path / "x.f32")
     assert done.returncode == 0, done.stderr
     cpp = torch.from_numpy(np.fromfile(tmp_path / "x.f32", dtype="<f4").reshape(COUNT, 3, 8, 8))
-    python = sample_with_step_graph(OrtRunner(step_graph, threads=1), noise, info["sampler"]["history"])
+    python = sample_with_step_graph(OrtRunner(step_graph, threads=1), noise, info["sampler"]["history"],
+                                    info["sampler"]["history_kind"])
     assert (cpp - python).abs().max() < 1e-4
     assert python.std() > 0.1  # real images, not a constant
     # the grid is the one fastddpm.images draws (a pixel may round the other way at .5)

@@ -35,12 +35,17 @@ def sampler(request, tmp_path_factory) -> Sampler:
 # crafted graphs
 
 
-def _props(num_steps=STEPS, history=0, channels=3, size=8, json_text=None, **flat) -> dict[str, str]:
-    """The metadata of a real step-graph export, with any value replaced."""
+def _props(num_steps=STEPS, history=0, channels=3, size=8, json_text=None, history_kind=None,
+           **flat) -> dict[str, str]:
+    """The metadata of a real step-graph export, with any value replaced; `history_kind` None
+    leaves it out in both places, as graphs exported before it existed do."""
     info = {"graph": "step", "dtype": "fp32", "batch": "dynamic", "opset": OPSET,
             "unet": {"image_size": size, "in_channels": channels, "out_channels": channels},
             "sampler": {"name": "ddpm", "steps": num_steps, "num_steps": num_steps,
                         "history": history, "timesteps": list(range(num_steps))}}
+    if history_kind is not None:
+        info["sampler"]["history_kind"] = history_kind
+        flat = {"history_kind": history_kind, **flat}
     props = {"fastddpm": json.dumps(info) if json_text is None else json_text, "fastddpm.graph": "step",
              "fastddpm.num_steps": str(num_steps), "fastddpm.history": str(history)}
     props.update({f"fastddpm.{key}": value for key, value in flat.items()})
@@ -97,6 +102,13 @@ def _opaque(src, out):
 
 def _cast(to):
     return _x0(helper.make_node("Cast", ["x"], ["x_prev"], to=to))
+
+
+def _ring_graph(folder: Path, ring: str, kind: str) -> Path:
+    """The honest graph (outputs x_prev, x0) with a 2-slot ring input `ring`, metadata history 2
+    of `kind`."""
+    inputs = [_tensor("x"), _tensor("step", INT64, [1]), _tensor("noise"), _tensor(ring, shape=[2, *IMAGE])]
+    return _graph(folder / "g.onnx", inputs=inputs, props=_props(history=2, history_kind=kind))
 
 
 SYMBOLIC = ["N", "C", "H", "W"]  # what a graph may declare to hide its real output shape
@@ -217,6 +229,12 @@ GRAPHS = {
                                                _tensor("x0_history")],
                          props=_props(history=1)),
         "graph input 'x0_history' has rank 4; a step graph's is 5"),
+    # an ε ring named where the metadata says x0, and an ε ring's graph without its eps output
+    "eps_history_input_but_kind_x0": (lambda d: _ring_graph(d, "eps_history", "x0"),
+                                      "has an input eps_history but its metadata's history_kind is x0"),
+    "x0_history_input_but_kind_eps": (lambda d: _ring_graph(d, "x0_history", "eps"),
+                                      "has an input x0_history but its metadata's history_kind is eps"),
+    "eps_ring_without_eps_output": (lambda d: _ring_graph(d, "eps_history", "eps"), "no output 'eps'"),
     "nan_output": (lambda d: _graph(d / "g.onnx", _x0(_const("nan", np.float32(np.nan)),
                                                       helper.make_node("Add", ["x", "nan"], ["x_prev"]))),
                    "NaN or infinity"),
@@ -247,6 +265,11 @@ METADATA = {
     "history_true": (dict(history="true"), "history must be an integer in 0..8, not \"true\""),
     "history_empty": (dict(history=""), "history must be an integer in 0..8, not \"\""),
     "history_missing": (dict(history=None), "no 'fastddpm.history' metadata"),
+    "history_kind_unknown": (dict(history_kind="v"), "fastddpm.history_kind must be x0 or eps, not \"v\""),
+    "history_kind_upper": (dict(history_kind="EPS"), "history_kind must be x0 or eps, not \"EPS\""),
+    "history_kind_empty": (dict(history_kind=""), "history_kind must be x0 or eps, not \"\""),
+    "history_kind_only_flat": (dict(history_kind="x0"),
+                               "fastddpm.history_kind and the JSON's sampler.history_kind differ"),
     "graph_eps": (dict(graph="eps"), "is not a step graph"),
     "no_graph_key": (dict(graph=None), "no 'fastddpm.graph' metadata"),
 }
@@ -305,6 +328,9 @@ JSON = {
     "history_not_int": (_info(**{"sampler.history": False}), "sampler.history is not a number"),
     "history_float": (_info(**{"sampler.history": 0.0}), "sampler.history must be an integer in 0..8"),
     "no_history": (_info(**{"sampler.history": None}), "has no sampler.history"),
+    "history_kind_not_string": (_info(**{"sampler.history_kind": 0}), "sampler.history_kind is not a string"),
+    "history_kind_only_json": (_info(**{"sampler.history_kind": "x0"}),
+                               "fastddpm.history_kind and the JSON's sampler.history_kind differ"),
 }
 
 
@@ -358,36 +384,48 @@ def test_the_honest_crafted_graph_runs(sampler, folders):
     assert (out_dir / "grid.ppm").read_bytes().startswith(b"P6\n")
 
 
-def test_the_x0_ring_is_kept_as_the_python_loop_keeps_it(sampler, folders):
-    """A crafted multistep graph, x_prev = x/2 + Σ_k w_k·x0_history[k] + 0·noise with x0 = x + 1
-    and a weight per slot: 5 steps over a ring of 3 slots (it wraps) give the Python host's
-    result (step_loop) only if each x0 lands in slot step mod 3 — and, built with the
-    sanitizers, without a read past the ring."""
+@pytest.mark.parametrize("kind", ["x0", "eps", None], ids=["x0-ring", "eps-ring", "x0-ring-no-kind"])
+def test_the_ring_is_kept_as_the_python_loop_keeps_it(sampler, folders, kind):
+    """A crafted multistep graph, x_prev = x/2 + Σ_k w_k·ring[k] + 0·noise with x0 = x + 1 (and,
+    for an ε ring, eps = x + 2) and a weight per slot: 5 steps over a ring of 3 slots (it wraps)
+    give the Python host's result (step_loop) only if each x0 — each eps, for an ε ring — lands
+    in slot step mod 3 — and, built with the sanitizers, without a read past the ring. No
+    history_kind at all (graphs exported before it) is an x0 ring."""
     model_dir, out_dir = folders
+    ring = "eps_history" if kind == "eps" else "x0_history"
     nodes = [_const("half", np.float32(0.5)), _const("zero", np.float32(0)), _const("one", np.float32(1)),
+             _const("two", np.float32(2)),
              _const("w", np.array([0.3, -0.2, 0.1], np.float32).reshape(3, 1, 1, 1, 1)),
              _const("axis0", np.array([0], np.int64)),
-             helper.make_node("Mul", ["x0_history", "w"], ["weighed"]),
+             helper.make_node("Mul", [ring, "w"], ["weighed"]),
              helper.make_node("ReduceSum", ["weighed", "axis0"], ["past"], keepdims=0),
              helper.make_node("Mul", ["x", "half"], ["x_half"]),
              helper.make_node("Mul", ["noise", "zero"], ["z0"]),
              helper.make_node("Add", ["x_half", "past"], ["partial"]),
              helper.make_node("Add", ["partial", "z0"], ["x_prev"]),
              helper.make_node("Add", ["x", "one"], ["x0"])]
-    inputs = [_tensor("x"), _tensor("step", INT64, [1]), _tensor("noise"),
-              _tensor("x0_history", shape=[3, *IMAGE])]
-    graph = _graph(model_dir / "ring.onnx", nodes, inputs, props=_props(num_steps=5, history=3))
+    outputs = [_tensor("x_prev"), _tensor("x0")]
+    if kind == "eps":
+        nodes.append(helper.make_node("Add", ["x", "two"], ["eps"]))
+        outputs.append(_tensor("eps"))
+    inputs = [_tensor("x"), _tensor("step", INT64, [1]), _tensor("noise"), _tensor(ring, shape=[3, *IMAGE])]
+    graph = _graph(model_dir / "ring.onnx", nodes, inputs, outputs,
+                   props=_props(num_steps=5, history=3, history_kind=kind))
     noise = torch.randn(6, 2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     write_noise_file(model_dir / "noise.f32", noise)
     done = sampler.run(*_argv(out_dir, graph, count=2, noise=model_dir / "noise.f32"))
     assert done.returncode == 0, done.stderr
     runner = OrtRunner(graph, threads=1)
-    want = sample_with_step_graph(runner, noise, 3).numpy()
+    want = sample_with_step_graph(runner, noise, 3, kind or "x0").numpy()
     got = np.fromfile(out_dir / "x.f32", dtype="<f4").reshape(2, 3, 8, 8)
     assert np.abs(got - want).max() < 1e-5
-    blind = sample_with_step_graph(lambda **kw: runner(**{**kw, "x0_history": torch.zeros(3, 2, 3, 8, 8)}),
-                                   noise, 3).numpy()
+    blind = sample_with_step_graph(lambda **kw: runner(**{**kw, ring: torch.zeros(3, 2, 3, 8, 8)}),
+                                   noise, 3, kind or "x0").numpy()
     assert np.abs(blind - want).max() > 1e-2  # the ring's contents reach the result
+    if kind == "eps":  # and they are the eps output, not x0
+        wrong = sample_with_step_graph(lambda **kw: {**runner(**kw), "eps": runner(**kw)["x0"]},
+                                       noise, 3, "eps").numpy()
+        assert np.abs(wrong - want).max() > 1e-2
 
 
 def test_metadata_json_is_read_whole(sampler, folders):

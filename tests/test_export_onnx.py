@@ -62,15 +62,16 @@ def _ops(path) -> set[str]:
 
 def _torch_loop(model, table, noise):
     """The sampler with explicit noise, straight from the table, the U-Net and the reference step
-    (the x̂0 history as a list, newest first: no ring)."""
+    (the x̂0 — or ε — history as a list, newest first: no ring)."""
     x = noise[0]
     history = []
+    eps_history = table.history_kind == "eps"
     with torch.no_grad():
         for i in range(table.num_steps):
             eps = model.unet(x, table.timesteps[i].expand(x.shape[0]))
             x, x0 = kernels.reverse_step_reference(x, eps, table.coef[i].float(), noise[i + 1],
-                                                   history, table.clip)
-            history = [x0, *history][:table.history]
+                                                   history, table.clip, eps_history=eps_history)
+            history = [eps if eps_history else x0, *history][:table.history]
     return x
 
 
@@ -132,6 +133,31 @@ def test_multistep_step_graph_decomposed_with_external_data(model, tmp_path):
     blind = sample_with_step_graph(lambda **kw: runner(**{**kw, "x0_history": torch.zeros(3, 3, 3, 8, 8)}),
                                    noise, history=3)
     assert (blind - got).abs().max() > 1e-3
+
+
+@pytest.mark.slow  # one more export
+def test_ipndm_step_graph_carries_an_eps_ring(model, tmp_path):
+    """iPNDM mixes the ε of three earlier steps into ε: the graph reads the ring as eps_history,
+    returns its ε as `eps` for the host to keep, and says so in its metadata; the host loop
+    matches the reference loop (7 steps: the ring wraps around twice)."""
+    out = tmp_path / "ipndm.onnx"
+    export_onnx(model, out, OnnxOptions(what="step", sampling=SamplingOptions(sampler="ipndm", steps=7)),
+                log=None)
+    runner = OrtRunner(out)
+    assert "eps_history" in runner.input_names and "x0_history" not in runner.input_names
+    proto = onnx.load(str(out))
+    info = read_metadata(proto)
+    assert info["sampler"]["history"] == 3 and info["sampler"]["history_kind"] == "eps"
+    assert {p.key: p.value for p in proto.metadata_props}["fastddpm.history_kind"] == "eps"
+    assert [o.name for o in proto.graph.output] == ["x_prev", "x0", "eps"]
+    noise = torch.randn(8, 3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    got = sample_with_step_graph(runner, noise, 3, "eps")
+    table = model.table(sampler="ipndm", steps=7)
+    assert torch.isfinite(got).all() and (got - _torch_loop(model, table, noise)).abs().max() < 1e-4
+    # the ring reaches the result, and it must be the ε ring: x̂0's in it give another result
+    for wrong in (lambda **kw: runner(**{**kw, "eps_history": torch.zeros(3, 3, 3, 8, 8)}),
+                  lambda **kw: {**runner(**kw), "eps": runner(**kw)["x0"]}):
+        assert (sample_with_step_graph(wrong, noise, 3, "eps") - got).abs().max() > 1e-3
 
 
 @pytest.mark.slow  # one more export

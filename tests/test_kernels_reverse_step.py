@@ -52,14 +52,15 @@ def _inputs(shape, dtype, device, layout, seed=0, slots=SLOTS):
     return rand(), rand(), rand(slots), coef.to(device)
 
 
-def _want(x, eps, coef, step, ring, z, clip):
-    """The reference's (x_prev, x̂0) and the ring after the step (x̂0 in slot step mod K)."""
+def _want(x, eps, coef, step, ring, z, clip, eps_history=False):
+    """The reference's (x_prev, x̂0) and the ring after the step (x̂0 — ε with eps_history — in
+    slot step mod K)."""
     past = rs.ring_history(ring, torch.tensor([step], device=ring.device)) if ring is not None else None
-    want, want_x0 = rs.reverse_step_reference(x, eps, coef[step], z, past, clip)
+    want, want_x0 = rs.reverse_step_reference(x, eps, coef[step], z, past, clip, eps_history=eps_history)
     ring_after = None
     if ring is not None:
         ring_after = ring.clone()
-        ring_after[step % ring.shape[0]] = want_x0
+        ring_after[step % ring.shape[0]] = eps if eps_history else want_x0
     return want, want_x0, ring_after
 
 
@@ -68,12 +69,12 @@ def _device_tensors(device, step, seed, first):
             torch.tensor([seed, first], dtype=torch.int64, device=device))
 
 
-def _launch(x, eps, coef, step, rng, ring=None, clip=False, store_x0=True):
+def _launch(x, eps, coef, step, rng, ring=None, clip=False, store_x0=True, eps_history=False):
     """Runs the kernel on a copy of the ring; returns (x_prev, x̂0, the ring after)."""
     out = poisoned(x)
     x0_out = poisoned(x) if store_x0 else None
     ring = None if ring is None else rs.new_history(x, ring.shape[0]).copy_(ring)
-    rs.reverse_step_launch(x, eps, coef, step, rng, ring, out, x0_out, clip).run()
+    rs.reverse_step_launch(x, eps, coef, step, rng, ring, out, x0_out, clip, eps_history).run()
     return out, x0_out, ring
 
 
@@ -119,6 +120,31 @@ def test_kernel_matches_reference(device, shape, layout, clip):
 
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4]], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("clip", [False, True], ids=["raw", "clip"])
+def test_kernel_with_an_eps_ring_matches_reference(device, shape, layout, clip):
+    """iPNDM's ring keeps ε: the d's mix it into ε before x̂0 (clipped or not), and the step's
+    own raw ε — not x̂0 — goes into slot step mod K."""
+    if layout == torch.channels_last and len(shape) != 4:
+        pytest.skip("channels_last is the same memory as NCHW for this shape")
+    for dtype in dtypes_for(device):
+        x, eps, ring, coef = _inputs(shape, dtype, device, layout, seed=9)
+        step, rng = _device_tensors(device, 4, 321, 2)
+        out, x0, ring_after = _launch(x, eps, coef, step, rng, ring, clip, eps_history=True)
+        z = noise.gaussian(321, torch.arange(2, 2 + shape[0]), 4, shape[1:]).to(device)
+        want, want_x0, want_ring = _want(x, eps, coef, 4, ring, z, clip, eps_history=True)
+        assert out.shape == x0.shape == x.shape and ring_after.shape == ring.shape
+        assert not any(torch.isnan(t).any() for t in (out, x0, ring_after))  # poison overwritten
+        assert_close(out, want, dtype)
+        assert_close(x0, want_x0, dtype)
+        assert_close(ring_after, want_ring, dtype)
+        # the mix reached x̂0: an x̂0-ring step on the same inputs gives another one
+        assert (x0.float() - _want(x, eps, coef, 4, ring, z, clip)[1].float()).abs().max() > 1e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
 def test_without_history_and_without_x0_output(device):
     x, eps, _, coef = _inputs((2, 3, 7, 5), torch.float32, device, torch.contiguous_format, seed=1)
     step, rng = _device_tensors(device, 0, 5, 0)
@@ -132,14 +158,15 @@ def test_without_history_and_without_x0_output(device):
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("slots", [1, 2, SLOTS])
-def test_in_place_outputs(device, slots):
-    """The runtime writes x_prev over x and x̂0 into the ring slot of x̂0_{i−K}, read first;
-    step 4 of a ring of 1, 2, 3 slots puts each slot in another role."""
+@pytest.mark.parametrize("eps_history", [False, True], ids=["x0-ring", "eps-ring"])
+def test_in_place_outputs(device, slots, eps_history):
+    """The runtime writes x_prev over x and x̂0 (or ε) into the ring slot of step i−K, read
+    first; step 4 of a ring of 1, 2, 3 slots puts each slot in another role."""
     x, eps, ring, coef = _inputs((2, 3, 9, 9), torch.float32, device, torch.contiguous_format, 2, slots)
     step, rng = _device_tensors(device, 4, 8, 4)
     z = noise.gaussian(8, torch.arange(4, 6), 4, (3, 9, 9)).to(device)
-    want, _, want_ring = _want(x, eps, coef, 4, ring, z, True)
-    rs.reverse_step_launch(x, eps, coef, step, rng, ring, x, None, True).run()
+    want, _, want_ring = _want(x, eps, coef, 4, ring, z, True, eps_history)
+    rs.reverse_step_launch(x, eps, coef, step, rng, ring, x, None, True, eps_history).run()
     assert_close(x, want)
     assert_close(ring, want_ring)
 
@@ -156,11 +183,13 @@ def test_every_sampler_table_every_step(device, sampler):
     x, eps, _, _ = _inputs((2, 3, 4, 4), torch.float32, device, torch.contiguous_format, 3)
     ring = rs.new_history(x, tab.history) if tab.history else None
     want_ring = None if ring is None else ring.clone()
+    eps_history = tab.history_kind == "eps"
     for i in range(tab.num_steps):
         step, rng = _device_tensors(device, i, 77, 0)
-        out, x0, ring = _launch(x, eps, coef, step, rng, ring, tab.clip)
+        eps = eps * 0.9 + 0.1  # a new ε each step: an ε ring's slots differ
+        out, x0, ring = _launch(x, eps, coef, step, rng, ring, tab.clip, eps_history=eps_history)
         z = noise.gaussian(77, torch.arange(2), i, (3, 4, 4)).to(device)
-        want, want_x0, want_ring = _want(x, eps, coef, i, want_ring, z, tab.clip)
+        want, want_x0, want_ring = _want(x, eps, coef, i, want_ring, z, tab.clip, eps_history)
         tol = 1e-5 * max(1.0, coef[i].abs().max().item())
         assert_close(out, want, atol=tol)
         assert_close(x0, want_x0, atol=tol)
@@ -284,6 +313,12 @@ def test_public_reverse_step(via_op):
     if via_op:  # the op's contract: buffers in x's dtype and layout (was an assert)
         with pytest.raises(ValueError, match="out buffers must match x"):
             kernels.reverse_step(x, eps, coef, step, rng, ring, True, out=x.double(), mode=mode)
+    scratch = ring.clone()  # an ε ring: ε stored, mixed in before x̂0
+    want_e, want_e_x0, want_e_ring = _want(x, eps, coef, 2, ring, z, True, eps_history=True)
+    got, got_x0 = kernels.reverse_step(x, eps, coef, step, rng, scratch, True, eps_history=True, mode=mode)
+    assert_close(got, want_e)
+    assert_close(got_x0, want_e_x0)
+    assert_close(scratch, want_e_ring)
     x0_out = torch.empty_like(x)
     kernels.reverse_step(x, eps, coef, step, rng, ring, True, out=x, x0_out=x0_out, mode=mode)
     assert_close(x, want)

@@ -19,20 +19,22 @@ def model():
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", None), ("ddim", 0.5), ("dpm++", None), ("dpm++3m", None),
-                                         ("unipc3", None)])
+                                         ("unipc3", None), ("ipndm", None), ("ipndm2", None)])
 def test_loop_equals_hand_written_loop(model, sampler, eta):
     steps, seed, num = 12, 1234, 3
     table = model.table(sampler=sampler, steps=steps, eta=eta)
     shape = (2, 8, 8)
     index = torch.arange(num)
     x = kernels.gaussian(seed, index, 0, shape, INIT_STREAM)
-    history = []  # x̂0 of the earlier steps, newest first
+    history = []  # x̂0 (ε for iPNDM) of the earlier steps, newest first
+    eps_history = table.history_kind == "eps"
     with torch.no_grad():
         for i, t in enumerate(table.timesteps.tolist()):
             eps = model.unet(x, torch.full((num,), t))
             z = kernels.gaussian(seed, index, i, shape, STEP_STREAM)
-            x, x0 = kernels.reverse_step_reference(x, eps, table.coef[i].float(), z, history, table.clip)
-            history = [x0, *history][:table.history]
+            x, x0 = kernels.reverse_step_reference(x, eps, table.coef[i].float(), z, history, table.clip,
+                                                   eps_history=eps_history)
+            history = [eps if eps_history else x0, *history][:table.history]
     got = sample(model, num=num, steps=steps, sampler=sampler, eta=eta, seed=seed, device="cpu")
     assert got.shape == (num, 2, 8, 8) and got.dtype == torch.float32
     torch.testing.assert_close(got, x.clamp(-1, 1), rtol=1e-5, atol=1e-5)
@@ -68,11 +70,13 @@ def test_on_step_sees_every_predicted_x0(model):
 
 
 @pytest.mark.parametrize("sampler,history", [("ddpm", 0), ("ddim", 0), ("dpm++", 1), ("dpm++3m", 2),
-                                             ("unipc3", 3)])
+                                             ("unipc3", 3), ("ipndm", 3)])
 def test_x0_is_stored_only_where_it_is_read(model, sampler, history, monkeypatch):
     """A multistep sampler keeps its x̂0's in a ring of `table.history` slots, and on_step reads
-    each step's x̂0 from there; otherwise x̂0 is written only for on_step. The images are the same
-    either way, and on_step sees the reference's x̂0 of every step."""
+    each step's x̂0 from there; otherwise x̂0 is written only for on_step — also beside an ε
+    ring (iPNDM), which holds no x̂0. The images are the same either way, and on_step sees the
+    reference's x̂0 of every step."""
+    x0_in_ring = history > 0 and sampler != "ipndm"
     seen = []
     real = kernels.reverse_step
 
@@ -87,7 +91,7 @@ def test_x0_is_stored_only_where_it_is_read(model, sampler, history, monkeypatch
     seen.clear()
     x0s = []
     watched = runner.run(seed=2, first=0, batch=2, on_step=lambda i, x0: x0s.append(x0.clone()))
-    assert seen == [(history, not history)] * 5
+    assert seen == [(history, not x0_in_ring)] * 5
     torch.testing.assert_close(watched, plain, rtol=0, atol=0)
     torch.testing.assert_close(x0s[-1], watched)  # the last step returns its x̂0
     assert len({x0.sum().item() for x0 in x0s}) == 5  # each step's own x̂0, not a stale slot

@@ -18,6 +18,7 @@ from fastddpm.samplers import (
     ddpm_table,
     dpmpp_2m_table,
     dpmpp_table,
+    ipndm_table,
     make_table,
     timestep_sequence,
     unipc_table,
@@ -40,11 +41,14 @@ def _noises(n: int, seed: int) -> list[torch.Tensor]:
 
 
 def _run_ours(table, x: torch.Tensor, zs: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Our reference update row by row, with x̂0's history newest first."""
+    """Our reference update row by row, with the history (x̂0's, or ε's) newest first."""
     out, history = [], []
+    eps_history = table.history_kind == "eps"
     for i, t in enumerate(table.timesteps.tolist()):
-        x, x0 = reverse_step_reference(x, _eps(x, t), table.coef[i], zs[i], history, table.clip)
-        history = [x0, *history][:table.history]
+        eps = _eps(x, t)
+        x, x0 = reverse_step_reference(x, eps, table.coef[i], zs[i], history, table.clip,
+                                       eps_history=eps_history)
+        history = [eps if eps_history else x0, *history][:table.history]
         out.append(x)
     return out
 
@@ -197,7 +201,9 @@ def test_every_registered_sampler_builds_and_ends_at_x0():
         table = make_table(SCHEDULE, name, 8, "trailing", clip=True, **options)
         assert table.coef.dtype == torch.float64 and torch.isfinite(table.coef).all()
         assert table.coef[-1, 2] == pytest.approx(1.0, rel=1e-12)  # a = 1: x_0 = x̂0 ...
-        assert table.coef[-1, 5:].abs().max() < 1e-7  # ... and nothing else, no noise
+        # ... and nothing else, no noise (an ε history's d's mix the ε that x̂0 is made of)
+        rest = table.coef[-1, 5:] if table.history_kind == "x0" else table.coef[-1, [3, 4, -1]]
+        assert rest.abs().max() < 1e-7
 
 
 def test_last_step_has_no_noise_and_returns_x0():
@@ -232,3 +238,81 @@ def test_an_option_the_sampler_does_not_take_is_refused(sampler, option):
     """Was: eta silently dropped by DDPM, the variance by DDIM."""
     with pytest.raises(UserError, match=f"takes no {option}"):
         make_table(SCHEDULE, sampler, 10, "leading", clip=True, **{option: 0.5})
+
+
+# ---- iPNDM: Adams–Bashforth on ε over DDIM, against a plain float64 loop --------------------
+
+# the weights of ε_i, ε_{i−1}, … by how many ε's exist, written out here (not imported)
+AB_WEIGHTS = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
+              4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+
+def _ipndm_loop(ts: list[int], x: torch.Tensor, clip: bool, order: int) -> list[torch.Tensor]:
+    """benchmarks/ipndm_probe.py's method, written out on its own: ε' = Σ w_k ε_{i−k} over the
+    last min(order, i + 1) ε's, x̂0 from ε' (clipped), then DDIM with the ε the clipped x̂0
+    implies (where it was not clipped, that is ε')."""
+    ac = [*(SCHEDULE.alphas_cumprod[t].item() for t in ts), 1.0]  # ᾱ visited, then the end
+    seen, out = [], []
+    for i, t in enumerate(ts):
+        seen.insert(0, _eps(x, t))
+        mixed = sum(w * e for w, e in zip(AB_WEIGHTS[min(order, len(seen))], seen, strict=False))
+        alpha, sigma = math.sqrt(ac[i]), math.sqrt(1.0 - ac[i])
+        x0 = (x - sigma * mixed) / alpha
+        x0 = x0.clamp(-1.0, 1.0) if clip else x0
+        direction = (x - alpha * x0) / sigma
+        x = math.sqrt(ac[i + 1]) * x0 + math.sqrt(1.0 - ac[i + 1]) * direction
+        out.append(x)
+    return out
+
+
+def _given_grid(steps: int) -> list[int]:
+    """A tuned-like grid: T − 1 and steps − 1 more distinct timesteps, drawn at random."""
+    gen = torch.Generator().manual_seed(steps)
+    rest = (torch.randperm(T - 1, generator=gen)[:steps - 1]).sort(descending=True).values
+    return [T - 1, *rest.tolist()]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 12])
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace", "quadratic", "logsnr", "given"])
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_ipndm_matches_a_plain_float64_loop(order, spacing, clip, steps):
+    """The table run by the reference step with its ε ring equals the probe's loop (≤ 1e-6
+    relative at every step); short grids warm up through orders 1, 2, … as far as they reach."""
+    grid = _given_grid(steps) if spacing == "given" else spacing
+    table = ipndm_table(SCHEDULE, steps, grid, order=order, clip=clip)
+    assert table.history_kind == "eps" and table.history == min(order, steps) - 1
+    assert table.name == ("ipndm" if order == 4 else f"ipndm{order}")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    ours = _run_ours(table, x.clone(), [None] * steps)
+    _assert_trajectories_close(ours, _ipndm_loop(table.timesteps.tolist(), x.clone(), clip, order))
+
+
+def test_ipndm_samplers_are_registered_with_their_orders():
+    for name, order in (("ipndm", 4), ("ipndm2", 2), ("ipndm3", 3)):
+        table = make_table(SCHEDULE, name, 6, "trailing", clip=True)
+        assert table.name == name and table.history == order - 1
+        assert torch.equal(table.coef, ipndm_table(SCHEDULE, 6, "trailing", order=order, clip=True).coef)
+
+
+@pytest.mark.parametrize("sampler", ["ipndm", "ipndm2", "ipndm3"])
+def test_ipndm_bad_input_is_refused(sampler):
+    from fastddpm.options import SamplingOptions
+    from fastddpm.prediction import for_prediction
+
+    for option in ("eta", "variance"):
+        with pytest.raises(UserError, match=f"the {sampler} sampler takes no {option}"):
+            make_table(SCHEDULE, sampler, 5, "trailing", clip=True, **{option: 0.5})
+    with pytest.raises(UserError, match="η is a DDIM option"):
+        SamplingOptions(sampler=sampler, eta=0.0)
+    with pytest.raises(UserError, match="steps must be between 1 and 1000"):
+        make_table(SCHEDULE, sampler, 0, "trailing", clip=True)
+    with pytest.raises(UserError, match="unknown timestep spacing"):
+        make_table(SCHEDULE, sampler, 5, "random", clip=True)
+    with pytest.raises(UserError, match="tune-steps"):  # a tuned grid is the model's own
+        make_table(SCHEDULE, sampler, 5, "tuned", clip=True)
+    table = make_table(SCHEDULE, sampler, 5, "trailing", clip=True)
+    for prediction in ("sample", "v_prediction"):  # the ring holds the network's output, not ε
+        with pytest.raises(UserError, match="runs ε-prediction models only"):
+            for_prediction(table, SCHEDULE.alphas_cumprod, prediction)
+    assert for_prediction(table, SCHEDULE.alphas_cumprod, "epsilon") is table

@@ -1,10 +1,15 @@
-// fastddpm_sample: the whole DDPM/DDIM/DPM-Solver++/UniPC sampling loop over an exported step
-// graph, with the ONNX Runtime C++ API. The graph holds the sampler (timesteps and coefficients),
-// so the host is a loop, a noise source and, for multistep samplers (metadata history K > 0), a
-// ring of the x0 of the last K steps — the x0 of step s in slot s mod K, zero at the start:
+// fastddpm_sample: the whole DDPM/DDIM/DPM-Solver++/UniPC/iPNDM sampling loop over an exported
+// step graph, with the ONNX Runtime C++ API. The graph holds the sampler (timesteps and
+// coefficients), so the host is a loop, a noise source and, for multistep samplers (metadata
+// history K > 0), a ring of the x0 of the last K steps — the x0 of step s in slot s mod K, zero at
+// the start:
 //
 //   x = x_T;  for step in 0..S-1:  (x, x0) = graph(x, step, z_step [, x0_history = ring]);
 //                                  ring[step mod K] = x0
+//
+// or, where the metadata's history_kind is "eps" (iPNDM), a ring of the model's eps: the graph
+// reads it as eps_history and returns its eps as a third output, kept the same way. A graph
+// without history_kind (exported before it existed) has an x0 ring; any other kind is refused.
 //
 // Noise: seeded Gaussian (std::mt19937_64, drawn in the order of the noise file), or a noise
 // file written by fastddpm.export.step_loop: raw little-endian float32 of shape
@@ -256,15 +261,20 @@ struct Json {
   std::vector<std::string> keys;   // an Object's keys, in order
   std::vector<Json> values;        // an Object's values, or an Array's items
 
-  // The member `key` of an Object; a missing or repeated key is an error.
-  const Json& at(const std::string& key, const std::string& where) const {
+  // The member `key` of an Object, or nullptr where it has none; a repeated key is an error.
+  const Json* find(const std::string& key, const std::string& where) const {
     const Json* found = nullptr;
     for (size_t i = 0; i < keys.size(); ++i)
       if (keys[i] == key) {
         if (found != nullptr) fail("the fastddpm metadata has " + where + key + " twice");
         found = &values[i];
       }
-    if (kind != Kind::Object || found == nullptr) fail("the fastddpm metadata has no " + where + key);
+    return kind == Kind::Object ? found : nullptr;
+  }
+  // The member `key` of an Object; a missing or repeated key is an error.
+  const Json& at(const std::string& key, const std::string& where) const {
+    const Json* found = find(key, where);
+    if (found == nullptr) fail("the fastddpm metadata has no " + where + key);
     return *found;
   }
 };
@@ -412,11 +422,14 @@ int64_t json_int(const Json& v, const std::string& name, int64_t lo, int64_t hi)
 // What the sampler needs to know about a step graph, every field checked.
 struct StepGraph {
   int64_t steps = 0;    // S: the rows of the sampler table
-  int64_t history = 0;  // K: slots of the x0 ring, the graph's input x0_history (K, N, C, H, W)
+  int64_t history = 0;  // K: slots of the ring, the graph's input ring_input (K, N, C, H, W)
+  std::string history_kind = "x0";        // what the ring keeps: "x0" or "eps"
+  std::string ring_input = "x0_history";  // x0_history, or eps_history for an eps ring
   std::vector<int64_t> image_shape;    // (N, C, H, W) with N = --count
   std::vector<int64_t> history_shape;  // (K, N, C, H, W)
   size_t numel = 0;                    // N*C*H*W, at most kMaxBufferFloats
   std::vector<std::string> inputs;   // the graph's input names, in its order
+  std::vector<std::string> outputs;  // x_prev, x0 (, eps): the last one goes into the ring
 };
 
 std::string metadata(const Ort::ModelMetadata& meta, const char* key) {
@@ -425,6 +438,29 @@ std::string metadata(const Ort::ModelMetadata& meta, const char* key) {
   if (!value)
     fail(std::string("the model has no '") + key + "' metadata: export a step graph with fastddpm export --what step");
   return value.get();
+}
+
+// A metadata key that graphs exported before it existed lack: nullopt then.
+std::optional<std::string> optional_metadata(const Ort::ModelMetadata& meta, const char* key) {
+  Ort::AllocatorWithDefaultOptions alloc;
+  Ort::AllocatedStringPtr value = meta.LookupCustomMetadataMapAllocated(key, alloc);
+  if (!value) return std::nullopt;
+  return std::string(value.get());
+}
+
+// What the ring keeps, from fastddpm.history_kind and the JSON's sampler.history_kind: both
+// absent means x0 (graphs from before the key); otherwise they must agree on "x0" or "eps".
+std::string read_history_kind(const Ort::ModelMetadata& meta, const Json& sampler) {
+  const std::optional<std::string> flat = optional_metadata(meta, "fastddpm.history_kind");
+  const Json* in_json = sampler.find("history_kind", "sampler.");
+  if (flat && *flat != "x0" && *flat != "eps")
+    fail("the metadata fastddpm.history_kind must be x0 or eps, not " + quoted(*flat) +
+         "; this sampler knows no other history");
+  if (in_json != nullptr && in_json->kind != Json::Kind::String)
+    fail("the fastddpm metadata's sampler.history_kind is not a string");
+  if (flat.has_value() != (in_json != nullptr) || (flat && *flat != in_json->text))
+    fail("the metadata disagrees with itself: fastddpm.history_kind and the JSON's sampler.history_kind differ");
+  return flat.value_or("x0");
 }
 
 std::string type_name(ONNXTensorElementDataType type) {
@@ -491,6 +527,9 @@ StepGraph inspect(const Ort::Session& session, const Args& a) {
     fail("the metadata disagrees with itself: fastddpm.num_steps and the JSON's sampler.num_steps differ");
   if (json_int(sampler.at("history", "sampler."), "sampler.history", 0, kMaxHistory) != g.history)
     fail("the metadata disagrees with itself: fastddpm.history and the JSON's sampler.history differ");
+  g.history_kind = read_history_kind(meta, sampler);
+  const bool eps_ring = g.history_kind == "eps";
+  g.ring_input = eps_ring ? "eps_history" : "x0_history";
   if (channels != 1 && channels != 3)
     fail("the model has " + std::to_string(channels) + " channels; the PGM/PPM grid needs 1 or 3");
   g.image_shape = {a.count, channels, size, size};
@@ -502,29 +541,36 @@ StepGraph inspect(const Ort::Session& session, const Args& a) {
   checked_product({g.history, a.count, channels, size, size}, kMaxBufferFloats,
                   "the x0 history of " + std::to_string(g.history) + " batches");
 
-  // each required input exactly once, and no other: history > 0 iff there is an x0_history
+  // each required input exactly once, and no other: history > 0 iff there is a ring input, the
+  // one history_kind names
   Ort::AllocatorWithDefaultOptions alloc;
   std::vector<std::string> required = {"x", "step", "noise"};
-  if (g.history > 0) required.push_back("x0_history");
+  if (g.history > 0) required.push_back(g.ring_input);
   for (size_t i = 0; i < session.GetInputCount(); ++i) {
     const std::string name = session.GetInputNameAllocated(i, alloc).get();
     const auto it = std::find(required.begin(), required.end(), name);
-    if (it == required.end() && name == "x0_history" && g.history == 0)
-      fail("the graph has an input x0_history but its metadata fastddpm.history is 0");
+    const bool a_ring = name == "x0_history" || name == "eps_history";
+    if (it == required.end() && a_ring && g.history == 0)
+      fail("the graph has an input " + name + " but its metadata fastddpm.history is 0");
+    if (it == required.end() && a_ring)
+      fail("the graph has an input " + name + " but its metadata's history_kind is " + g.history_kind);
     if (it == required.end()) fail("unexpected graph input " + quoted(name));
     required.erase(it);
     const Ort::TypeInfo type = session.GetInputTypeInfo(i);
     if (name == "step") check_declared("input", name, type, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {1});
     else check_declared("input", name, type, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-                        name == "x0_history" ? g.history_shape : g.image_shape);
+                        name == g.ring_input ? g.history_shape : g.image_shape);
     g.inputs.push_back(name);
   }
-  if (!required.empty() && required[0] == "x0_history")
-    fail("the metadata fastddpm.history is " + std::to_string(g.history) + " but the graph has no input x0_history");
+  if (!required.empty() && required[0] == g.ring_input)
+    fail("the metadata fastddpm.history is " + std::to_string(g.history) + " but the graph has no input " +
+         g.ring_input);
   if (!required.empty())
     fail("the graph has no input '" + required[0] + "'; export it with fastddpm export --what step");
 
-  std::vector<std::string> outputs = {"x_prev", "x0"};
+  g.outputs = {"x_prev", "x0"};
+  if (eps_ring && g.history > 0) g.outputs.push_back("eps");
+  std::vector<std::string> outputs = g.outputs;
   for (size_t i = 0; i < session.GetOutputCount(); ++i) {
     const std::string name = session.GetOutputNameAllocated(i, alloc).get();
     const auto it = std::find(outputs.begin(), outputs.end(), name);
@@ -604,16 +650,17 @@ std::vector<float> sample(Ort::Session& session, const StepGraph& g, NoiseSource
   std::vector<int64_t> step_value{0}, step_shape{1};
 
   auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  std::vector<const char*> in_names, out_names{"x_prev", "x0"};
+  std::vector<const char*> in_names, out_names;
   for (const auto& name : g.inputs) in_names.push_back(name.c_str());
+  for (const auto& name : g.outputs) out_names.push_back(name.c_str());
   for (int64_t s = 0; s < g.steps; ++s) {
     step_value[0] = s;
     noise.draw(z);
     std::vector<Ort::Value> inputs;
-    for (const auto& name : g.inputs) {  // x, step, noise or x0_history: inspect() allowed no other
+    for (const auto& name : g.inputs) {  // x, step, noise or the ring: inspect() allowed no other
       if (name == "step") {
         inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, step_value.data(), 1, step_shape.data(), 1));
-      } else if (name == "x0_history") {
+      } else if (name == g.ring_input) {
         inputs.push_back(Ort::Value::CreateTensor<float>(mem, ring.data(), ring.size(), ring_shape.data(),
                                                          ring_shape.size()));
       } else {
@@ -624,13 +671,13 @@ std::vector<float> sample(Ort::Session& session, const StepGraph& g, NoiseSource
     auto outs = session.Run(Ort::RunOptions{nullptr}, in_names.data(), inputs.data(), inputs.size(),
                             out_names.data(), out_names.size());
     if (outs.size() != out_names.size())
-      fail("the graph returned " + std::to_string(outs.size()) + " outputs, not 2");
-    const float* x_prev = checked_output(outs[0], "x_prev", shape, numel, s);
-    const float* x0 = checked_output(outs[1], "x0", shape, numel, s);
-    std::copy_n(x_prev, numel, x.begin());
-    if (g.history > 0) {  // into the slot of the x0 from `history` steps ago, which this step has read
+      fail("the graph returned " + std::to_string(outs.size()) + " outputs, not " + std::to_string(out_names.size()));
+    std::vector<const float*> data;  // every output checked, whether the loop reads it or not
+    for (size_t k = 0; k < outs.size(); ++k) data.push_back(checked_output(outs[k], out_names[k], shape, numel, s));
+    std::copy_n(data[0], numel, x.begin());
+    if (g.history > 0) {  // the last output (x0, or eps) into the slot of `history` steps ago, read by now
       const size_t slot = static_cast<size_t>(s % g.history);
-      std::copy_n(x0, numel, ring.begin() + static_cast<std::ptrdiff_t>(slot * numel));
+      std::copy_n(data.back(), numel, ring.begin() + static_cast<std::ptrdiff_t>(slot * numel));
     }
   }
   // NaN would have no pixel value (casting it to uint8 is undefined), and is a failed run anyway
