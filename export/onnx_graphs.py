@@ -4,6 +4,9 @@
 step graph: x (B, C, H, W), step int64 (1,), noise (B, C, H, W)
             [, x0_history (K, B, C, H, W) for multistep samplers]  → x_prev, x0 (B, C, H, W)
 
+The ε graph is the network's raw output: 2C channels for a learned variance. The step graph
+splits it inside (fastddpm/variance.py), so its inputs and outputs keep the image's C.
+
 The step graph carries the sampler table (timesteps and coefficients) as constants, so a host
 needs only `for step in range(S): x, x0 = run(x, step, noise_step)`; t = timesteps[step] and the
 update of `kernels.reverse_step_reference` happen inside. A multistep sampler (K = its
@@ -29,6 +32,7 @@ from fastddpm import kernels
 from fastddpm.kernels.reverse_step import ring_history
 from fastddpm.samplers import SamplerTable
 from fastddpm.unet import UNet
+from fastddpm.variance import split_output
 
 EPS_INPUTS, EPS_OUTPUTS = ("x", "t"), ("eps",)
 STEP_INPUTS, STEP_OUTPUTS = ("x", "step", "noise", "x0_history"), ("x_prev", "x0")
@@ -48,14 +52,15 @@ class StepGraph(nn.Module):
         # float32 like the runtime's device table; the step arithmetic is float32 in every dtype
         self.register_buffer("coef", table.coef.to(torch.float32))
         self.clip = table.clip
+        self.learned_variance = table.learned_variance
 
     def forward(self, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor,
                 x0_history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.timesteps.index_select(0, step).expand(x.shape[0])
-        eps = self.unet(x, t)
+        eps, w = split_output(self.unet(x, t), x.shape[1], self.learned_variance)
         row = self.coef.index_select(0, step).squeeze(0)
         past = ring_history(x0_history, step) if x0_history is not None else None
-        return kernels.reverse_step_reference(x, eps, row, noise, past, self.clip)
+        return kernels.reverse_step_reference(x, eps, row, noise, past, self.clip, w)
 
 
 def example_inputs(graph: str, image_shape: tuple[int, ...], batch: int, dtype: torch.dtype,
