@@ -5,6 +5,9 @@ step graph: x (B, C, H, W), step int64 (1,), noise (B, C, H, W)
             [, x0_history | eps_history (K, B, C, H, W) for multistep samplers]
             → x_prev, x0 [, eps with eps_history] (B, C, H, W)
 
+The ε graph is the network's raw output: 2C channels for a learned variance. The step graph
+splits it inside (fastddpm/variance.py), so its inputs and outputs keep the image's C.
+
 The step graph carries the sampler table (timesteps and coefficients) as constants, so a host
 needs only `for step in range(S): x, x0 = run(x, step, noise_step)`; t = timesteps[step] and the
 update of `kernels.reverse_step_reference` happen inside. A multistep sampler (K = its
@@ -32,6 +35,7 @@ from fastddpm import kernels
 from fastddpm.kernels.reverse_step import ring_history
 from fastddpm.samplers import SamplerTable
 from fastddpm.unet import UNet
+from fastddpm.variance import split_output
 
 EPS_INPUTS, EPS_OUTPUTS = ("x", "t"), ("eps",)
 STEP_INPUTS, STEP_OUTPUTS = ("x", "step", "noise", "x0_history"), ("x_prev", "x0")
@@ -53,16 +57,17 @@ class StepGraph(nn.Module):
         # float32 like the runtime's device table; the step arithmetic is float32 in every dtype
         self.register_buffer("coef", table.coef.to(torch.float32))
         self.clip = table.clip
+        self.learned_variance = table.learned_variance
 
     def forward(self, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor,
                 x0_history: torch.Tensor | None = None, eps_history: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, ...]:
         t = self.timesteps.index_select(0, step).expand(x.shape[0])
-        eps = self.unet(x, t)
+        eps, w = split_output(self.unet(x, t), x.shape[1], self.learned_variance)
         row = self.coef.index_select(0, step).squeeze(0)
         ring = x0_history if eps_history is None else eps_history
         past = ring_history(ring, step) if ring is not None else None
-        x_prev, x0 = kernels.reverse_step_reference(x, eps, row, noise, past, self.clip,
+        x_prev, x0 = kernels.reverse_step_reference(x, eps, row, noise, past, self.clip, w,
                                                     eps_history=eps_history is not None)
         return (x_prev, x0) if eps_history is None else (x_prev, x0, eps)
 

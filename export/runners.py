@@ -1,9 +1,10 @@
 """Runners over exported graphs: name-based I/O on torch tensors, one interface for every engine.
 
 `runner(**inputs) -> {output name: tensor}` with inputs named as in onnx_graphs (x, t / x, step,
-noise[, x0_history | eps_history]); every output has the shape of `x`. `OrtRunner` runs ONNX Runtime with
-IOBinding on torch buffers, on the CPU and on CUDA alike; `tensorrt.TensorRTRunner` is the same
-contract over a TensorRT engine. `export.backend` turns either into a `denoise(x, t)` backend.
+noise[, x0_history | eps_history]); every output has x's batch and the graph's own other sizes
+(those of x, but 2C channels for the ε graph of a learned-variance model). `OrtRunner` runs ONNX
+Runtime with IOBinding on torch buffers, on the CPU and on CUDA alike; `tensorrt.TensorRTRunner`
+is the same contract over a TensorRT engine. `export.backend` turns either into a `denoise(x, t)` backend.
 """
 from __future__ import annotations
 
@@ -99,6 +100,8 @@ class OrtRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_dtypes = {o.name: ORT_DTYPES[o.type] for o in self.session.get_outputs()}
+        # every size but the batch is fixed in our graphs (onnx_graphs traces only the batch)
+        self.output_sizes = {o.name: tuple(o.shape[1:]) for o in self.session.get_outputs()}
         batch_dim = self.session.get_inputs()[0].shape[0]
         self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
 
@@ -123,7 +126,8 @@ class OrtRunner:
             binding.bind_input(name, *where, BIND_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
         outs = {}
         for name in self.output_names:
-            out = torch.empty(inputs["x"].shape, dtype=self.output_dtypes[name], device=self.device)
+            out = torch.empty((batch, *self.output_sizes[name]), dtype=self.output_dtypes[name],
+                              device=self.device)
             binding.bind_output(name, *where, BIND_TYPES[out.dtype], tuple(out.shape), out.data_ptr())
             outs[name] = out
         self.session.run_with_iobinding(binding)  # synchronises ORT's stream before returning

@@ -130,7 +130,9 @@ class TensorRTRunner:
             self.context.set_tensor_address(name, t.data_ptr())
         outs = {}
         for name in self.output_names:
-            out = torch.empty(inputs["x"].shape, dtype=self.output_dtypes[name], device=self.device)
+            # resolved from the input shapes just set (the ε graph of a learned variance: 2C)
+            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.output_dtypes[name],
+                              device=self.device)
             self.context.set_tensor_address(name, out.data_ptr())
             outs[name] = out
         if not self.context.execute_async_v3(self._stream.cuda_stream):

@@ -7,7 +7,10 @@
 
 p_θ(x_{t−1} | x_t) = N(μ̃_t(x_t, x̂0), σ_t² I) with x̂0 from the model's ε (clipped to [−1, 1]
 when the model's sampling clips, as the original evaluation does) and σ_t² = β_t (fixed_large) or
-β̃_t (fixed_small); at t = 1 both use β̃_2, the original code's clipped log-variance. The decoder
+β̃_t (fixed_small); at t = 1 both use β̃_2, the original code's clipped log-variance. A learned
+variance (improved DDPM's L_vlb) gives σ² per element from the network's variance channels
+(fastddpm/variance.py), between β_t and that clipped β̃_t for "learned_range", as improved
+DDPM's code does; its KL terms and decoder then use that σ². The decoder
 puts the mass of N(μ̃_1, σ_1²) on the 256 levels of 8-bit data (bins of width 2/255 in [−1, 1],
 the outer two stretched to ±∞), so images are first rounded to those levels. Each L_{t−1} is
 estimated with one x_t ~ q(x_t | x0) per image and t, its ε drawn from the counter-based noise
@@ -17,16 +20,21 @@ computed in float64 from the model's fp32 ε. Rate = L_T + Σ L_{t−1}, distort
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .backends import Denoiser, make_denoiser, resolve_device
+from .backends import make_denoiser, resolve_device
 from .errors import UserError
 from .kernels.noise import FORWARD_STREAM, gaussian
 from .model import DiffusionModel
 from .prediction import epsilon_denoiser
 from .schedule import Schedule
+from .variance import LEARNED, learned_sigma
+
+# (x_t, t) → (ε, w of a learned variance or None): prediction.epsilon_denoiser
+EpsilonDenoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 LEVELS = 256  # 8-bit data: the decoder's bins
 HALF_BIN = 1.0 / (LEVELS - 1)  # half the width of one bin in [−1, 1]
@@ -81,14 +89,15 @@ def prior_bits(schedule: Schedule, x0: torch.Tensor) -> torch.Tensor:
     return _per_dim_bits(normal_kl(mean, logvar, torch.zeros_like(x0), torch.zeros_like(x0)))
 
 
-def bound_terms(denoise: Denoiser, schedule: Schedule, variance: str, clip: bool,
+def bound_terms(denoise: EpsilonDenoiser, schedule: Schedule, variance: str, clip: bool,
                 x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One term of the bound per row, in bits/dim, for array timestep t (the paper's t + 1): the
     decoder L_0 where t = 0, else L_t, the KL term of the paper's step t + 1 → t.
+    denoise(x_t, t) → (ε, w of a learned variance or None) (prediction.epsilon_denoiser);
     x0 (B, C, H, W) on the 8-bit grid, t (B,) int64, noise (B, C, H, W)."""
     x0 = x0.double()
     x_t = schedule.q_sample(x0, t, noise.double())
-    eps = denoise(x_t.float(), t).double()
+    eps, w = denoise(x_t.float(), t)
     n = x0.ndim
     x0_hat = _rows(schedule.sqrt_recip_alphas_cumprod, t, n) * x_t \
         - _rows(schedule.sqrt_recipm1_alphas_cumprod, t, n) * eps
@@ -101,6 +110,10 @@ def bound_terms(denoise: Denoiser, schedule: Schedule, variance: str, clip: bool
     model_logvar = posterior_logvar
     if variance == "fixed_large":  # β_t, except β̃_2 at t = 1 (β_1 would make the decoder too sharp)
         model_logvar = torch.where(is_decoder, posterior_logvar, _rows(schedule.betas.log(), t, n))
+    elif variance in LEARNED:  # log σ² = 2 (log σ_row + s_row · w), the clipped β̃ as the floor
+        clipped = schedule.posterior_log_variance_clipped.exp()
+        sigma_row, slope = learned_sigma(variance, schedule.betas, clipped)
+        model_logvar = 2.0 * (_rows(sigma_row.log(), t, n) + _rows(slope, t, n) * w)
     kl = normal_kl(coef1 * x0 + coef2 * x_t, posterior_logvar, model_mean, model_logvar)
     decoder = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)
     return _per_dim_bits(torch.where(is_decoder, decoder, kl))
@@ -150,8 +163,9 @@ def bits_per_dim(model: DiffusionModel, images: torch.Tensor, seed: int = 0,
     dev = resolve_device(device)
     schedule = model.schedule
     num_t = schedule.num_timesteps
-    denoise = epsilon_denoiser(make_denoiser(model, "torch", dev, torch.float32),
-                               schedule.alphas_cumprod, model.sampling.prediction)
+    variance = model.sampling.variance
+    denoise = epsilon_denoiser(make_denoiser(model, "torch", dev, torch.float32), schedule.alphas_cumprod,
+                               model.sampling.prediction, variance if variance in LEARNED else None)
     x0 = quantize(images.to(dev, torch.float64))
     terms = torch.empty(len(x0) * num_t, dtype=torch.float64, device=dev)
     bar = None

@@ -46,7 +46,7 @@ def available_memory() -> int:
 def image_bytes(config: UNetConfig) -> int:
     """One kept image (C, S, S): float32 as drawn, once more concatenated with the others, a
     float32 working copy on the way to uint8, and the uint8 itself."""
-    return (3 * FLOAT32 + 1) * config.out_channels * config.image_size ** 2
+    return (3 * FLOAT32 + 1) * config.in_channels * config.image_size ** 2
 
 
 def forward_bytes(config: UNetConfig) -> int:

@@ -11,13 +11,16 @@ from .prediction import check_prediction, for_prediction
 from .samplers import SAMPLERS, VARIANCES, SamplerTable, make_table
 from .schedule import Schedule, ScheduleConfig
 from .unet import UNet, UNetConfig
+from .variance import check_channels
 
 Grid = tuple[int, ...]  # timesteps, descending
 
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    variance: str = "fixed_large"  # σ² = β ("fixed_large", CIFAR-10) or β̃ ("fixed_small", 256²)
+    # σ² = β ("fixed_large", CIFAR-10) or β̃ ("fixed_small", 256²), or the network's own
+    # ("learned", "learned_range": out_channels = 2 × in_channels, fastddpm/variance.py)
+    variance: str = "fixed_large"
     clip: bool = True  # clip x̂0 to [−1, 1]
     prediction: str = "epsilon"  # what the network predicts: epsilon | sample | v_prediction
     # time grids tuned for this model (`fastddpm tune-steps`, `--spacing tuned`), one per
@@ -79,6 +82,10 @@ class DiffusionModel:
     schedule: Schedule
     sampling: SamplingDefaults = SamplingDefaults()
 
+    def __post_init__(self):
+        cfg = self.unet.config
+        check_channels(cfg.in_channels, cfg.out_channels, self.sampling.variance, "this model")
+
     @classmethod
     def create(cls, unet_config: UNetConfig, schedule_config: ScheduleConfig = ScheduleConfig(),
                sampling: SamplingDefaults = SamplingDefaults()) -> DiffusionModel:
@@ -89,6 +96,7 @@ class DiffusionModel:
     def from_weights(cls, unet_config: UNetConfig, schedule_config: ScheduleConfig,
                      sampling: SamplingDefaults, state: dict, where: str) -> DiffusionModel:
         """A model around trained weights, in eval mode (`where` names their source in errors)."""
+        check_channels(unet_config.in_channels, unet_config.out_channels, sampling.variance, where)
         with torch.device("meta"):  # shapes only: a config that disagrees costs no memory
             check_weights(UNet(unet_config), state, where)
         unet = UNet(unet_config)

@@ -22,6 +22,7 @@ import torch
 
 from .errors import UserError
 from .samplers import COEF_FIELDS, SamplerTable
+from .variance import split_output
 
 PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
@@ -76,16 +77,18 @@ def to_epsilon(output: torch.Tensor, x_t: torch.Tensor, alphas_cumprod_t: torch.
 
 
 def epsilon_denoiser(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     alphas_cumprod: torch.Tensor, prediction: str
-                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`denoise(x_t, t)` turned into the ε it implies (float64 then, so that a likelihood's
-    x̂0 recovered from that ε keeps the network's own digits); alphas_cumprod: ᾱ (T,)."""
+                     alphas_cumprod: torch.Tensor, prediction: str, learned: str | None = None
+                     ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    """`denoise(x_t, t)` turned into (the ε it implies, w), both float64 so that a likelihood's
+    x̂0 and σ² keep the network's own digits: w of a `learned` variance (fastddpm/variance.py)
+    from the output's second half, else None. alphas_cumprod: ᾱ (T,)."""
     check_prediction(prediction)
-    if prediction == "epsilon":
-        return denoise
 
-    def epsilon(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def epsilon(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        output, w = split_output(denoise(x_t, t).double(), x_t.shape[1], learned)
+        if prediction == "epsilon":
+            return output, w
         ac_t = alphas_cumprod.to(t.device)[t]
-        return to_epsilon(denoise(x_t, t).double(), x_t.double(), ac_t, prediction)
+        return to_epsilon(output, x_t.double(), ac_t, prediction), w
 
     return epsilon

@@ -1,6 +1,7 @@
 """The sampling loop: x_T → x_0 with any sampler table over any ε backend.
 
-Per step: ε = denoise(x, t[step]); x, x̂0 = reverse_step(x, ε, coef, step, rng). `step` and `rng`
+Per step: ε = denoise(x, t[step]); x, x̂0 = reverse_step(x, ε, coef, step, rng) (a learned-variance
+network's output split into its prediction and variance halves first). `step` and `rng`
 live on the device, so on CUDA one step is captured once as a CUDA graph (per batch size) and
 replayed for every step with no host work in between: no sync, no allocation, no Python
 scheduler. Noise comes from (seed, global sample index, step, element), so a sample's image does
@@ -20,6 +21,7 @@ from .kernels.noise import INIT_STREAM
 from .limits import check_request_fits
 from .model import DiffusionModel
 from .options import MAX_BATCH, SamplingOptions
+from .variance import split_output
 
 
 class _Buffers:
@@ -64,7 +66,7 @@ class Sampler:
         self.device = resolve_device(options.device)
         self.dtype = torch_dtype(options.dtype)
         cfg = model.config
-        self.image_shape = (cfg.out_channels, cfg.image_size, cfg.image_size)
+        self.image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
         # kept for the process (fastddpm.sessions): a second Sampler of the same model, backend,
         # device, dtype and threads converts, exports and compiles nothing
         self.denoise = sessions.denoiser(model, options.backend, self.device, self.dtype, options.threads)
@@ -74,12 +76,17 @@ class Sampler:
                           and get_backend(options.backend).graph_capturable)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, _Buffers]] = {}
 
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's prediction at x (B, C, H, W), t (B,), and the w of its learned variance
+        where this sampler's table reads one (else None: other samplers use the prediction only)."""
+        return split_output(self.denoise(x, t), x.shape[1], self.table.learned_variance)
+
     def _step(self, buf: _Buffers) -> None:
         t = self.timesteps.index_select(0, buf.step).expand(buf.x.shape[0])
-        eps = self.denoise(buf.x, t)
+        eps, w = self.predict(buf.x, t)
         # in place: x_prev over x, x̂0 (or ε) into the ring (each element is read before it is written)
         kernels.reverse_step(buf.x, eps, self.coef, buf.step, buf.rng, buf.history, self.table.clip,
-                             out=buf.x, x0_out=buf.x0, return_x0=False,
+                             out=buf.x, x0_out=buf.x0, return_x0=False, variance=w,
                              eps_history=self.table.history_kind == "eps")
         buf.step.add_(1)
 

@@ -6,7 +6,9 @@ For step i (sampling order, i = 0 is the noisiest) at model timestep t_i, steppi
     x̂0     = c_x · x_t − c_e · ε            (clipped to [−1, 1] when the table says so)
     x_prev = a · x̂0 + b · x_t + c · ε + d1 · x̂0_{i−1} + d2 · x̂0_{i−2} + d3 · x̂0_{i−3} + σ · z
 
-with z ~ N(0, I) and x̂0_{i−k} the x̂0 of k steps before (zero before the first step).
+with z ~ N(0, I) and x̂0_{i−k} the x̂0 of k steps before (zero before the first step). A model
+with a learned variance (fastddpm/variance.py) makes σ per element: σ · exp(s · w), w from its
+variance channels and s = `sigma_slope` of the row (0 in every other table).
 `kernels.reverse_step` evaluates exactly this, reading row i of `coef` (columns COEF_FIELDS).
 The built-in samplers step from x̂0's and x_t alone (c = 0): DDPM's posterior mean, DDIM with the
 ε that x̂0 implies, the multistep solvers' data prediction (fastddpm/solvers.py: DPM-Solver++(2M)
@@ -33,12 +35,15 @@ import torch
 from .errors import UserError
 from .schedule import Schedule
 from .solvers import HISTORY, UNIPC_VARIANTS, adams_bashforth, dpmpp_multistep, unipc
+from .variance import LEARNED, learned_sigma
 
 SPACINGS = ("leading", "trailing", "linspace", "quadratic", "logsnr", "tuned")
-VARIANCES = ("fixed_large", "fixed_small")
+VARIANCES = ("fixed_large", "fixed_small", *LEARNED)
 HISTORY_KINDS = ("x0", "eps")  # what a table's d columns weigh (see the module docstring)
-# d1..dk weigh the x̂0 of the k previous steps (as many as solvers.HISTORY); σ stays last
-COEF_FIELDS = ("c_x", "c_e", "a", "b", "c", *(f"d{k}" for k in range(1, HISTORY + 1)), "sigma")
+# d1..dk weigh the x̂0 (or ε) of the k previous steps (as many as solvers.HISTORY); σ's slope in
+# the model's variance channels and σ stay last
+COEF_FIELDS = ("c_x", "c_e", "a", "b", "c", *(f"d{k}" for k in range(1, HISTORY + 1)),
+               "sigma_slope", "sigma")
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,9 +53,12 @@ class SamplerTable:
     coef: torch.Tensor  # float64 (S, len(COEF_FIELDS)): columns COEF_FIELDS
     clip: bool  # clip x̂0 to [−1, 1]
     history_kind: str = "x0"  # x0 | eps: what d1..d3 weigh, and what the history ring keeps
+    # the learned variance (variance.LEARNED) whose channels a step reads; None: σ is the row's
+    learned_variance: str | None = None
 
     def __post_init__(self) -> None:
-        assert self.history_kind in HISTORY_KINDS, self.history_kind
+        if self.history_kind not in HISTORY_KINDS:
+            raise ValueError(f"history_kind must be one of {HISTORY_KINDS}, not {self.history_kind!r}")
 
     @property
     def num_steps(self) -> int:
@@ -157,14 +165,15 @@ def _alphas_cumprod_pairs(schedule: Schedule, ts: list[int]) -> tuple[torch.Tens
     return ac_t, ac_prev
 
 
-def _table(name: str, ts: list[int], clip: bool, ac_t: torch.Tensor, history_kind: str = "x0",
-           **cols) -> SamplerTable:
+def _table(name: str, ts: list[int], clip: bool, ac_t: torch.Tensor, *, history_kind: str = "x0",
+           learned: str | None = None, **cols) -> SamplerTable:
     coef = torch.zeros(len(ts), len(COEF_FIELDS), dtype=torch.float64)
     coef[:, 0] = ac_t.rsqrt()  # c_x = 1/√ᾱ_t        (x̂0 from eq. 4 solved for x0)
     coef[:, 1] = (1.0 / ac_t - 1.0).sqrt()  # c_e = √(1/ᾱ_t − 1)
     for key, value in cols.items():
         coef[:, COEF_FIELDS.index(key)] = value
-    return SamplerTable(name, torch.tensor(ts, dtype=torch.int64), coef, clip, history_kind)
+    return SamplerTable(name, torch.tensor(ts, dtype=torch.int64), coef, clip, history_kind=history_kind,
+                        learned_variance=learned)
 
 
 def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
@@ -180,11 +189,17 @@ def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
     # μ̃ = √ᾱ_prev β/(1−ᾱ_t) x̂0 + √α (1−ᾱ_prev)/(1−ᾱ_t) x_t   (eq. 7)
     a = ac_prev.sqrt() * beta / (1.0 - ac_t)
     b = alpha.sqrt() * (1.0 - ac_prev) / (1.0 - ac_t)
-    # σ² = β ("fixed_large") or β̃ = β (1−ᾱ_prev)/(1−ᾱ_t) ("fixed_small"); z = 0 at the last step
-    var = beta if variance == "fixed_large" else beta * (1.0 - ac_prev) / (1.0 - ac_t)
-    sigma = var.sqrt()
-    sigma[-1] = 0.0
-    return _table("ddpm", ts, clip, ac_t, a=a, b=b, sigma=sigma)
+    # σ² = β ("fixed_large") or β̃ = β (1−ᾱ_prev)/(1−ᾱ_t) ("fixed_small"); a learned variance
+    # sets σ per element between them (variance.learned_sigma); z = 0 at the last step
+    posterior = beta * (1.0 - ac_prev) / (1.0 - ac_t)
+    learned = variance if variance in LEARNED else None
+    if learned:
+        sigma, slope = learned_sigma(learned, beta, posterior)
+    else:
+        sigma = (beta if variance == "fixed_large" else posterior).sqrt()
+        slope = torch.zeros_like(sigma)
+    sigma[-1] = slope[-1] = 0.0
+    return _table("ddpm", ts, clip, ac_t, learned=learned, a=a, b=b, sigma_slope=slope, sigma=sigma)
 
 
 def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
@@ -226,7 +241,7 @@ def ipndm_table(schedule: Schedule, steps: int | None = None, spacing: str = "le
     weights = torch.from_numpy(adams_bashforth(len(ts), order))
     ratios = {f"d{k}": weights[:, k] / weights[:, 0] for k in range(1, HISTORY + 1)}
     name = "ipndm" if order == 4 else f"ipndm{order}"
-    table = _table(name, ts, clip, ac_t, "eps", **_ddim_update(ac_t, ac_prev), **ratios)
+    table = _table(name, ts, clip, ac_t, history_kind="eps", **_ddim_update(ac_t, ac_prev), **ratios)
     table.coef[:, COEF_FIELDS.index("c_e")] *= weights[:, 0]
     return table
 

@@ -149,7 +149,7 @@ def _reference(model: DiffusionModel, options: SamplingOptions, steps: int, cali
         xs, hats = [], []
         for i, t in enumerate(table.timesteps.tolist()):
             xs.append(x.double().flatten(1).cpu())
-            eps = runner.denoise(x.to(runner.dtype), torch.full((n,), t, device=runner.device))
+            eps, _ = runner.predict(x.to(runner.dtype), torch.full((n,), t, device=runner.device))
             x, x0 = reverse_step_reference(x, eps.float(), table.coef[i], clip=table.clip)
             hats.append(x0.double().flatten(1).cpu())
         xs.append(x.double().flatten(1).cpu())

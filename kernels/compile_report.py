@@ -142,16 +142,19 @@ def runtime_launches(config: UNetConfig, dtype: torch.dtype) -> list[tuple[str, 
                 f"{' +bias_nc' if with_bias_nc else ''}{' +silu' if silu else ''}")
         launches.append((name, group_norm_silu_launch(x, weight, bias, groups, 1e-6, bias_nc, silu,
                                                       torch.empty_like(x))))
-    x = torch.empty(1, config.out_channels, config.image_size, config.image_size, dtype=dtype)
+    x = torch.empty(1, config.in_channels, config.image_size, config.image_size, dtype=dtype)
     coef = torch.empty(8, len(COEF_FIELDS))
     step, rng = torch.empty(1, dtype=torch.int64), torch.empty(2, dtype=torch.int64)
-    for name, slots, clip in [("reverse_step ddpm (clip)", 0, True), ("reverse_step ddim", 0, False),
-                              ("reverse_step dpm++ (x̂0 ring of 1)", 1, False),
-                              ("reverse_step unipc3 (x̂0 ring of 3)", 3, False)]:
+    for name, slots, clip, learned in [("reverse_step ddpm (clip)", 0, True, False),
+                                       ("reverse_step ddpm, learned variance (clip)", 0, True, True),
+                                       ("reverse_step ddim", 0, False, False),
+                                       ("reverse_step dpm++ (x̂0 ring of 1)", 1, False, False),
+                                       ("reverse_step unipc3 (x̂0 ring of 3)", 3, False, False)]:
         ring = new_history(x, slots) if slots else None
         x0_out = None if slots else torch.empty_like(x)  # the runtime's: x̂0 in the ring or nowhere
+        variance = torch.empty_like(x) if learned else None
         launches.append((name, reverse_step_launch(x, torch.empty_like(x), coef, step, rng, ring,
-                                                   torch.empty_like(x), x0_out, clip)))
+                                                   torch.empty_like(x), x0_out, clip, variance)))
     return launches
 
 

@@ -9,7 +9,7 @@ arguments."""
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +26,11 @@ from fastddpm.export.step_loop import (
     write_noise_file,
 )
 from fastddpm.images import grid
-from fastddpm.model import DiffusionModel
+from fastddpm.model import DiffusionModel, SamplingDefaults
 from fastddpm.options import SamplingOptions
 from fastddpm.schedule import ScheduleConfig
 from fastddpm.unet import UNetConfig
+from fastddpm.variance import output_channels
 
 REPO = Path(__file__).resolve().parents[1]
 ORT_ROOT = Path(os.environ.get("ONNXRUNTIME_ROOT", REPO / "build" / "onnxruntime"))
@@ -106,10 +107,12 @@ def sampler(request, tmp_path_factory) -> Sampler:
     return sampler_build(request.param, tmp_path_factory)
 
 
-def _export_step_graph(folder: Path, sampler_name: str) -> Path:
+def _export_step_graph(folder: Path, sampler_name: str, variance: str = "fixed_large") -> Path:
+    """A random tiny model's step graph; a learned `variance` gives it 2 × 3 output channels."""
     torch.manual_seed(0)
-    model = DiffusionModel.create(TINY, ScheduleConfig("linear", 40))
-    path = folder / f"{sampler_name}.onnx"
+    config = replace(TINY, out_channels=output_channels(TINY.in_channels, variance))
+    model = DiffusionModel.create(config, ScheduleConfig("linear", 40), SamplingDefaults(variance))
+    path = folder / f"{sampler_name}-{variance}.onnx"
     options = OnnxOptions(what="step", sampling=SamplingOptions(sampler=sampler_name, steps=8))
     export_onnx(model, path, options, log=None)
     return path
@@ -149,6 +152,15 @@ def test_cpp_loop_carries_the_eps_ring_of_ipndm(sampler, tmp_path):
     graph = _export_step_graph(tmp_path, "ipndm")
     info = step_graph_info(graph)
     assert info["sampler"]["history"] == 3 and info["sampler"]["history_kind"] == "eps"
+    _compare_loops(sampler, graph, tmp_path)
+
+
+@pytest.mark.slow  # one more export
+def test_cpp_loop_runs_a_learned_variance_graph(sampler, tmp_path):
+    """A learned-variance DDPM: the graph splits the network's 2C output inside, so the C++
+    sampler's strict shape checks see the image's C on every input and output, as before."""
+    graph = _export_step_graph(tmp_path, "ddpm", "learned_range")
+    assert step_graph_info(graph)["unet"]["out_channels"] == 6
     _compare_loops(sampler, graph, tmp_path)
 
 

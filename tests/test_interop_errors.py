@@ -54,7 +54,8 @@ def _refused(path, message):
     ({"down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]},
      "down block type 'ResnetDownsampleBlock2D'"),
     ({"out_channels": 5}, "out_channels 5"),
-    ({"out_channels": 6}, r"learned variance \(out_channels 6 = 2 × in_channels 3\) is not supported"),
+    ({"out_channels": 6}, r"variance_type 'fixed_large' needs out_channels = in_channels \(3\), "
+                          "the network has 6"),
     ({"num_train_timesteps": 500}, "num_train_timesteps=500, the scheduler 1000"),
     ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
     ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift='spatial'"),
@@ -95,7 +96,8 @@ def test_missing_settings_take_diffusers_defaults():
 @pytest.mark.parametrize("scheduler,message", [
     ({"prediction_type": "flow_prediction"}, "prediction_type='flow_prediction'"),
     ({"beta_schedule": "laplace"}, "beta_schedule='laplace'"),
-    ({"variance_type": "learned_range"}, "variance_type='learned_range' .*learned variance"),
+    ({"variance_type": "learned_range"},
+     r"variance_type 'learned_range' needs out_channels = 2 × in_channels \(6\), the network has 3"),
     ({"variance_type": "fixed_large_log"}, "variance_type='fixed_large_log'"),
     ({"thresholding": True}, "thresholding=True .*per-sample quantile"),
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr=True"),

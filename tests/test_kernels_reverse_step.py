@@ -31,7 +31,7 @@ LAYOUTS = [torch.contiguous_format, torch.channels_last]
 
 
 ROW = len(COEF_FIELDS)
-SLOTS = ROW - 6  # the widest ring a table row weighs
+SLOTS = ROW - rs.FIXED_COLUMNS  # the widest ring a table row weighs
 
 
 def _inputs(shape, dtype, device, layout, seed=0, slots=SLOTS):
@@ -52,11 +52,12 @@ def _inputs(shape, dtype, device, layout, seed=0, slots=SLOTS):
     return rand(), rand(), rand(slots), coef.to(device)
 
 
-def _want(x, eps, coef, step, ring, z, clip, eps_history=False):
+def _want(x, eps, coef, step, ring, z, clip, variance=None, eps_history=False):
     """The reference's (x_prev, x̂0) and the ring after the step (x̂0 — ε with eps_history — in
     slot step mod K)."""
     past = rs.ring_history(ring, torch.tensor([step], device=ring.device)) if ring is not None else None
-    want, want_x0 = rs.reverse_step_reference(x, eps, coef[step], z, past, clip, eps_history=eps_history)
+    want, want_x0 = rs.reverse_step_reference(x, eps, coef[step], z, past, clip, variance,
+                                              eps_history=eps_history)
     ring_after = None
     if ring is not None:
         ring_after = ring.clone()
@@ -69,12 +70,13 @@ def _device_tensors(device, step, seed, first):
             torch.tensor([seed, first], dtype=torch.int64, device=device))
 
 
-def _launch(x, eps, coef, step, rng, ring=None, clip=False, store_x0=True, eps_history=False):
+def _launch(x, eps, coef, step, rng, ring=None, clip=False, store_x0=True, variance=None,
+            eps_history=False):
     """Runs the kernel on a copy of the ring; returns (x_prev, x̂0, the ring after)."""
     out = poisoned(x)
     x0_out = poisoned(x) if store_x0 else None
     ring = None if ring is None else rs.new_history(x, ring.shape[0]).copy_(ring)
-    rs.reverse_step_launch(x, eps, coef, step, rng, ring, out, x0_out, clip, eps_history).run()
+    rs.reverse_step_launch(x, eps, coef, step, rng, ring, out, x0_out, clip, variance, eps_history).run()
     return out, x0_out, ring
 
 
@@ -148,7 +150,7 @@ def test_kernel_with_an_eps_ring_matches_reference(device, shape, layout, clip):
 def test_without_history_and_without_x0_output(device):
     x, eps, _, coef = _inputs((2, 3, 7, 5), torch.float32, device, torch.contiguous_format, seed=1)
     step, rng = _device_tensors(device, 0, 5, 0)
-    coef[:, 5:-1] = 0.0  # no d's: no earlier x̂0, as in DDPM and DDIM
+    coef[:, 5:-2] = 0.0  # no d's: no earlier x̂0, as in DDPM and DDIM
     out, x0, _ = _launch(x, eps, coef, step, rng, None, False, store_x0=False)
     z = noise.gaussian(5, torch.arange(2), 0, (3, 7, 5)).to(device)
     assert x0 is None
@@ -165,8 +167,8 @@ def test_in_place_outputs(device, slots, eps_history):
     x, eps, ring, coef = _inputs((2, 3, 9, 9), torch.float32, device, torch.contiguous_format, 2, slots)
     step, rng = _device_tensors(device, 4, 8, 4)
     z = noise.gaussian(8, torch.arange(4, 6), 4, (3, 9, 9)).to(device)
-    want, _, want_ring = _want(x, eps, coef, 4, ring, z, True, eps_history)
-    rs.reverse_step_launch(x, eps, coef, step, rng, ring, x, None, True, eps_history).run()
+    want, _, want_ring = _want(x, eps, coef, 4, ring, z, True, eps_history=eps_history)
+    rs.reverse_step_launch(x, eps, coef, step, rng, ring, x, None, True, eps_history=eps_history).run()
     assert_close(x, want)
     assert_close(ring, want_ring)
 
@@ -189,12 +191,56 @@ def test_every_sampler_table_every_step(device, sampler):
         eps = eps * 0.9 + 0.1  # a new ε each step: an ε ring's slots differ
         out, x0, ring = _launch(x, eps, coef, step, rng, ring, tab.clip, eps_history=eps_history)
         z = noise.gaussian(77, torch.arange(2), i, (3, 4, 4)).to(device)
-        want, want_x0, want_ring = _want(x, eps, coef, i, want_ring, z, tab.clip, eps_history)
+        want, want_x0, want_ring = _want(x, eps, coef, i, want_ring, z, tab.clip, eps_history=eps_history)
         tol = 1e-5 * max(1.0, coef[i].abs().max().item())
         assert_close(out, want, atol=tol)
         assert_close(x0, want_x0, atol=tol)
         if ring is not None:
             assert_close(ring, want_ring, atol=tol)
+        x = out
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 2, 4, 4)], ids=["per-element", "quads"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
+def test_learned_variance_matches_reference(device, shape, layout):
+    """σ = σ_row · exp(s · w) per element: w random of both signs, s random per row (never 0),
+    with a ring and clipping on, so the variance term rides beside every other one."""
+    for dtype in dtypes_for(device):
+        x, eps, ring, coef = _inputs(shape, dtype, device, layout, seed=7)
+        w = _inputs(shape, dtype, device, layout, seed=8)[0]
+        step, rng = _device_tensors(device, 2, 41, 3)
+        out, x0, ring_after = _launch(x, eps, coef, step, rng, ring, True, variance=w)
+        z = noise.gaussian(41, torch.arange(3, 3 + shape[0]), 2, shape[1:]).to(device)
+        want, want_x0, want_ring = _want(x, eps, coef, 2, ring, z, True, w)
+        fixed, _, _ = _want(x, eps, coef, 2, ring, z, True)
+        assert (want.float() - fixed.float()).abs().max() > 0.1  # w moved σ
+        assert_close(out, want, dtype)
+        assert_close(x0, want_x0, dtype)
+        assert_close(ring_after, want_ring, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variance", ["learned", "learned_range"])
+def test_learned_variance_tables_every_step(device, variance):
+    """Real learned-variance DDPM tables, each step against the reference; at the last step
+    (σ = 0) a NaN w — log of a negative v under "learned" — is never read."""
+    tab = ddpm_table(SCHEDULE, 6, "leading", clip=True, variance=variance)
+    coef = tab.coef.to(device, torch.float32)
+    assert tab.learned_variance == variance and coef[-1, -1] == 0
+    x, eps, _, _ = _inputs((2, 3, 4, 4), torch.float32, device, torch.contiguous_format, 9)
+    w = torch.rand(x.shape, generator=torch.Generator().manual_seed(10)).to(device) * 2 - 1
+    for i in range(tab.num_steps):
+        if i == tab.num_steps - 1:
+            w = torch.full_like(w, float("nan"))
+        step, rng = _device_tensors(device, i, 12, 0)
+        out, x0, _ = _launch(x, eps, coef, step, rng, None, tab.clip, variance=w)
+        z = noise.gaussian(12, torch.arange(2), i, (3, 4, 4)).to(device)
+        want, want_x0, _ = _want(x, eps, coef, i, None, z, tab.clip, w)
+        assert_close(out, want)
+        assert_close(x0, want_x0)
         x = out
 
 
@@ -324,6 +370,24 @@ def test_public_reverse_step(via_op):
     assert_close(x, want)
     assert_close(x0_out, want_x0)
     assert_close(ring, want_ring)
+
+
+@pytest.mark.parametrize("via_op", [False, True], ids=["reference", "op"])
+def test_public_reverse_step_with_variance(via_op):
+    """The variance reaches the reference and the op's CPU kernel; a mis-shaped one is refused."""
+    if via_op and not dispatch.HAS_TRITON:
+        pytest.skip("the op exists only with triton")
+    mode = "op" if via_op else "auto"
+    x, eps, _, coef = _inputs((2, 3, 4, 4), torch.float32, "cpu", torch.contiguous_format, 11)
+    w = _inputs((2, 3, 4, 4), torch.float32, "cpu", torch.contiguous_format, 12)[0]
+    step, rng = _device_tensors("cpu", 1, 6, 0)
+    z = noise.gaussian(6, torch.arange(2), 1, (3, 4, 4))
+    want, want_x0, _ = _want(x, eps, coef, 1, None, z, False, w)
+    got, got_x0 = kernels.reverse_step(x, eps, coef, step, rng, variance=w, mode=mode)
+    assert_close(got, want)
+    assert_close(got_x0, want_x0)
+    with pytest.raises(ValueError, match="variance must have x's shape"):
+        kernels.reverse_step(x, eps, coef, step, rng, variance=w[:, :2], mode=mode)
 
 
 @needs_triton

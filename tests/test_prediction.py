@@ -1,18 +1,17 @@
 """Prediction types (ε, x0, v): the table transform against closed forms, and DDPM / DDIM chains
 against diffusers' own schedulers, step by step from the same x_T, for each type."""
-import copy
 import dataclasses
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
+from diffusers_chains import chain_noise, our_chain, their_chain
 from diffusers_tables import with_float64_tables
 from interop_models import perturbed_unet, use_our_timestep_embedding
 
 import fastddpm
 from fastddpm.kernels import reverse_step_reference
-from fastddpm.kernels.noise import INIT_STREAM, STEP_STREAM, gaussian
 from fastddpm.model import DiffusionModel, SamplingDefaults
 from fastddpm.prediction import PREDICTIONS, epsilon_denoiser, for_prediction
 from fastddpm.samplers import COEF_FIELDS
@@ -88,7 +87,8 @@ def test_likelihood_sees_the_eps_a_prediction_implies(prediction):
     ac = model.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * eps
     perfect = lambda x, t: _output(prediction, x0, eps, ac)  # noqa: E731
-    got = epsilon_denoiser(perfect, model.schedule.alphas_cumprod, prediction)(x_t, t)
+    got, w = epsilon_denoiser(perfect, model.schedule.alphas_cumprod, prediction)(x_t, t)
+    assert w is None  # a fixed variance: no variance channels
     torch.testing.assert_close(got, eps, rtol=1e-9, atol=1e-9)
 
 
@@ -134,28 +134,15 @@ def test_chain_matches_diffusers_scheduler(prediction, sampler, settings, tmp_pa
     table = model.table(sampler=sampler, steps=STEPS, spacing="leading",
                         **({"eta": eta} if sampler == "ddim" else {}))
 
-    shape = (3, 8, 8)
-    x_T = gaussian(SEED, torch.arange(BATCH), 0, shape, INIT_STREAM).double()
-    noise = [gaussian(SEED, torch.arange(BATCH), i, shape, STEP_STREAM).double() for i in range(STEPS)]
-    ours_net = copy.deepcopy(model.unet).double()
-    x = x_T
-    with torch.no_grad():
-        for i, t in enumerate(table.timesteps.tolist()):
-            out = ours_net(x, torch.full((BATCH,), t))
-            x, _ = reverse_step_reference(x, out, table.coef[i], noise[i], clip=table.clip)
-    ours = x
+    x_T, noise = chain_noise(SEED, BATCH, STEPS, (3, 8, 8))
+    ours = our_chain(model, table, x_T, noise)
 
     scheduler = with_float64_tables(cls.from_pretrained(tmp_path), model.schedule)
     scheduler.set_timesteps(STEPS)
     assert scheduler.timesteps.tolist() == table.timesteps.tolist()
     monkeypatch.setattr(module, "randn_tensor", _NoiseFeed(noise))
-    theirs_net = unet.double()
-    x = x_T
     extra = {"eta": eta, "use_clipped_model_output": True} if sampler == "ddim" else {}
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(theirs_net(x, t).sample, t, x, **extra).prev_sample
-    theirs = x
+    theirs = their_chain(scheduler, unet, x_T, **extra)
 
     # a chain that moved (unclipped, a random ε-network's x̂0 runs to ±100s: absolute 1e-4 there
     # is a relative 1e-6)

@@ -229,7 +229,7 @@ def test_bad_sampler_spacing_eta_variance_are_refused():
     with pytest.raises(UserError, match="eta must be in"):
         make_table(SCHEDULE, "ddim", 10, "leading", clip=True, eta=1.5)
     with pytest.raises(UserError, match="unknown variance"):
-        make_table(SCHEDULE, "ddpm", 10, "leading", clip=True, variance="learned")
+        make_table(SCHEDULE, "ddpm", 10, "leading", clip=True, variance="fixed_large_log")
 
 
 @pytest.mark.parametrize(("sampler", "option"), [("ddpm", "eta"), ("dpm++", "eta"),

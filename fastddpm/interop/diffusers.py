@@ -20,6 +20,7 @@ from ..files import atomic_folder, read_torch_file
 from ..model import DiffusionModel
 from ..schedule import ScheduleConfig
 from ..unet import UNetConfig
+from ..variance import check_channels
 from .diffusers_config import (
     DIFFUSERS_VERSION,
     schedule_from_diffusers,
@@ -104,14 +105,12 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 
 def _check_agreement(unet: UNetConfig, unet_timesteps: int | None, schedule: ScheduleConfig,
-                     folder: Path) -> None:
+                     variance: str, folder: Path) -> None:
     """A U-Net and a scheduler that cannot run together: one line naming what disagrees."""
     if unet_timesteps is not None and unet_timesteps != schedule.num_timesteps:
         raise UserError(f"{folder}: the unet says num_train_timesteps={unet_timesteps}, the "
                         f"scheduler {schedule.num_timesteps}; fix one of the two configs")
-    if unet.out_channels != unet.in_channels:
-        raise UserError(f"{folder}: a learned variance (out_channels {unet.out_channels} = 2 × "
-                        f"in_channels {unet.in_channels}) is not supported by fastddpm yet")
+    check_channels(unet.in_channels, unet.out_channels, variance, str(folder))
 
 
 def load_folder(folder: str | Path) -> DiffusionModel:
@@ -126,7 +125,8 @@ def load_folder(folder: str | Path) -> DiffusionModel:
     unet_config = unet_config_from_diffusers(unet_json, str(config_path))
     schedule, sampling = schedule_from_diffusers(
         _read_json(sched_path) if sched_path else None, str(sched_path))
-    _check_agreement(unet_config, unet_json.get("num_train_timesteps"), schedule, folder)
+    _check_agreement(unet_config, unet_json.get("num_train_timesteps"), schedule, sampling.variance,
+                     folder)
     state, weights_path = _read_weights(unet_dir)
     state = {_LEGACY_ATTENTION.sub(lambda m: m[1] + _LEGACY_NAMES[m[2]] + ".", k): v
              for k, v in state.items()}

@@ -269,13 +269,10 @@ def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfi
         _scheduler_setting(cfg, "clip_sample_range", 1.0, (1.0,), where, "x̂0 clips to [−1, 1]")
     variance = cfg.get("variance_type") or "fixed_small"  # DDPMScheduler's default
     if not isinstance(variance, str):
-        raise _unsupported_scheduler(where, f"variance_type={variance!r} (fixed_small or fixed_large)")
+        raise _unsupported_scheduler(where, f"variance_type={variance!r} ({' or '.join(VARIANCES)})")
     variance = VARIANCE_ALIASES.get(variance, variance)
-    if variance in ("learned", "learned_range"):
-        raise _unsupported_scheduler(where, f"variance_type={variance!r} (a learned variance; "
-                                            "fastddpm runs fixed_small or fixed_large)")
     if variance not in VARIANCES:
-        raise _unsupported_scheduler(where, f"variance_type={variance!r} (fixed_small or fixed_large)")
+        raise _unsupported_scheduler(where, f"variance_type={variance!r} ({' or '.join(VARIANCES)})")
 
     steps = cfg.get("num_train_timesteps", 1000)
     start, end = cfg.get("beta_start", 0.0001), cfg.get("beta_end", 0.02)
