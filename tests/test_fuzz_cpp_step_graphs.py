@@ -4,13 +4,14 @@ they declare, run by the built sampler (plain and, where the compiler has them, 
 
 Each graph is the honest one of test_export_cpp_hostile (x_prev = x + 0·noise, x0 = x) at a drawn
 count, channels, image size and step count, declared in any way that is still true (a dim
-exact, symbolic or unknown; inputs and outputs in any order) — and then given zero to two faults
-drawn from a catalogue in which every fault alone makes the graph one the sampler must refuse
-(a tensor missing or extra, another element type, another rank, a static dim that is wrong
-— 0, huge, negative —, an output computed to another shape behind the declared one, a NaN,
-metadata out of range). The promise: a graph without a fault runs, exit 0, with a grid and a raw
-file of exactly its shape; a graph with one exits 2 with one line on stderr, writes nothing, and
-(test_export_cpp.Sampler.run) raises no sanitizer report and dies of no signal."""
+exact, symbolic, unknown or negative; inputs and outputs in any order) — and then given zero to
+two faults drawn from a catalogue in which every fault alone makes the graph one the sampler
+must refuse (a tensor missing or extra, another element type, an input of another rank or with
+a wrong static dim — 0, 1, huge —, an output computed to another shape behind the declared one,
+0 entries included, a NaN, metadata out of range). The promise: a graph without a fault runs,
+exit 0, with a grid and a raw file of exactly its shape; a graph with one exits 2 with one line
+on stderr, writes nothing, and (test_export_cpp.Sampler.run) raises no sanitizer report and dies
+of no signal."""
 import tempfile
 from pathlib import Path
 
