@@ -17,10 +17,14 @@ from .backends import resolve_device
 from .distributed import Distributed
 from .errors import UserError
 from .inception import Inception
+from .limits import check_fits
 from .options import SamplingOptions
 from .shards import draw, in_rounds, model_hash
 
 DEFAULT_NUM = 50_000  # the paper's (and every FID table's) sample count
+# what IS keeps of each sample: its 1008 float32 logits, gathered in sample order into one
+# tensor, and that in float64 twice (the score's copy and its log-softmax). FID keeps sums only
+IS_BYTES_PER_SAMPLE = 1008 * (4 + 4 + 8 + 8)
 
 
 def _source(args: argparse.Namespace, options: SamplingOptions):
@@ -55,6 +59,9 @@ def measure(args: argparse.Namespace, options: SamplingOptions, ctx: Distributed
     if args.isc and num < fid.IS_SPLITS:
         raise UserError(f"the Inception Score averages {fid.IS_SPLITS} splits and needs at least "
                         f"{fid.IS_SPLITS} samples, got {num}")
+    if args.isc:
+        check_fits(f"the Inception Score of {num} samples", num * IS_BYTES_PER_SAMPLE,
+                   "ask for fewer (--num)")
     net = Inception(args.inception_weights, resolve_device(options.device), args.fid_dims,
                     logits=args.isc)
     chunks = options.batches(num)

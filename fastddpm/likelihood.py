@@ -28,6 +28,7 @@ import torch
 from .backends import make_denoiser, resolve_device
 from .errors import UserError
 from .kernels.noise import FORWARD_STREAM, gaussian
+from .limits import check_fits, request_bytes
 from .model import DiffusionModel
 from .prediction import epsilon_denoiser
 from .schedule import Schedule
@@ -163,6 +164,12 @@ def bits_per_dim(model: DiffusionModel, images: torch.Tensor, seed: int = 0,
     dev = resolve_device(device)
     schedule = model.schedule
     num_t = schedule.num_timesteps
+    # every (image, t) term kept in float64, one batch of pairs through the U-Net at a time
+    pairs = len(images) * num_t
+    batch = min(batch_size, pairs)
+    check_fits(f"the bound of {len(images)} images in batches of {batch} (image, t) pairs",
+               8 * pairs + request_bytes(model.config, 0, batch),
+               "lower the batch size (--batch-size) or the number of images (--num)")
     variance = model.sampling.variance
     denoise = epsilon_denoiser(make_denoiser(model, "torch", dev, torch.float32), schedule.alphas_cumprod,
                                model.sampling.prediction, variance if variance in LEARNED else None)

@@ -1,14 +1,15 @@
 """How much a request may ask for: the counts a user gives (images, snapshots, interpolation
-weights, an exported batch, the arrays of a data file) are checked against the memory this
-machine has before any work starts, so a typo like `--num 1000000000000` ends in one line, not
-in an hour of sampling or an allocation traceback.
+weights, a sampling, exported or training batch, the arrays of a data file) are checked against
+the memory this machine has before any work starts, so a typo like `--num 1000000000000` ends
+in one line, not in an hour of sampling or an allocation traceback.
 
 What a request holds at its peak is estimated from the U-Net config: the images it keeps until
 they are written (float32, plus their uint8 copy) and one ε forward over its largest batch (the
-skip tensors the U-Net keeps, a few working tensors at the widest level, the attention scores).
-The estimate errs high; the bound is the machine's physical memory, or a smaller limit the
-process runs under (RLIMIT_AS, a cgroup). Drawing more images than one machine can hold is what
-sharded sampling under torchrun, which writes as it goes, is for.
+skip tensors the U-Net keeps, a few working tensors at the widest level, the attention scores)
+or, for training, what autograd keeps of a forward for its backward. The estimate errs high;
+the bound is the machine's physical memory, or a smaller limit the process runs under
+(RLIMIT_AS, a cgroup). Sharded sampling under torchrun writes its batches as it goes and
+joins them as uint8 (shards.join_bytes): it draws a few times more images than one process.
 """
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ WORKING_TENSORS = 8
 # peak of one CPU forward, per image: digits 0.42–0.46 MB at batch 256 (estimate 0.44 MB),
 # cifar10 10.6–12.3 MB at batch 16 (estimate 14.6 MB)
 SIDE_ALLOCATIONS = 2
+# what autograd keeps of a ResBlock for the backward, in tensors of its input plus output width
+# (GroupNorm's input and statistics, SiLU's, each convolution's input, the dropout mask), and of
+# an attention block in tensors of its width (the norm, q, k, v, the output, the projection's
+# input). Counted so, a forward keeps 1.1–1.3× what saved-tensor hooks see of it (digits,
+# cifar10, a config attending at 16²; tests/test_limits.py checks that it is not less)
+SAVED_PER_RESBLOCK = 5
+SAVED_PER_ATTENTION = 8
 
 
 def available_memory() -> int:
@@ -49,17 +57,41 @@ def image_bytes(config: UNetConfig) -> int:
     return (3 * FLOAT32 + 1) * config.in_channels * config.image_size ** 2
 
 
+def _levels(config: UNetConfig) -> tuple[list[int], list[int], list[int]]:
+    """Per level of the U-Net: its width (channels), its side (pixels), their tensor's elements."""
+    widths = [config.base_channels * m for m in config.channel_mult]
+    sides = [config.image_size >> level for level in range(len(widths))]
+    return widths, sides, [w * s * s for w, s in zip(widths, sides, strict=True)]
+
+
 def forward_bytes(config: UNetConfig) -> int:
     """An estimate, per image, of what one ε forward holds at its peak (float32): the skip
     tensors of every level, a few working tensors of the largest one, the attention scores (the
     middle block attends at the lowest resolution whatever the config says)."""
-    widths = [config.base_channels * m for m in config.channel_mult]
-    sides = [config.image_size >> level for level in range(len(widths))]
-    areas = [w * s * s for w, s in zip(widths, sides, strict=True)]
+    widths, sides, areas = _levels(config)
     attended = [s for s in sides if s in config.attn_resolutions] + [sides[-1]]
     scores = max(s ** 4 for s in attended)
     counted = (config.num_res_blocks + 1) * sum(areas) + WORKING_TENSORS * max(areas) + 2 * scores
     return SIDE_ALLOCATIONS * FLOAT32 * counted
+
+
+def train_bytes(config: UNetConfig) -> int:
+    """An estimate, per image, of what one training step holds at its peak (float32): what
+    autograd keeps of every block for the backward — a down ResBlock reads and writes its level's
+    width, an up one reads it beside a skip (about twice the width), the middle's two the lowest
+    level's — and the attention maps; the backward's gradients come and go block by block
+    (SIDE_ALLOCATIONS). Measured peak of a CPU step (AdamW), per image: digits 1.8 MB (estimate
+    3.0 MB), cifar10 76 MB (estimate 137 MB)."""
+    widths, sides, areas = _levels(config)
+    blocks = config.num_res_blocks
+    resblocks = sum((2 * blocks + 3 * (blocks + 1)) * a for a in areas) + 2 * 2 * areas[-1]
+    attended = [(2 * blocks + 1, level) for level, s in enumerate(sides) if s in config.attn_resolutions]
+    if config.mid_attention:
+        attended.append((1, len(widths) - 1))
+    attention = sum(n * (SAVED_PER_ATTENTION * areas[level]
+                         + widths[level] // (config.attention_head_dim or widths[level]) * sides[level] ** 4)
+                    for n, level in attended)
+    return SIDE_ALLOCATIONS * FLOAT32 * (SAVED_PER_RESBLOCK * resblocks + attention)
 
 
 def _size(n: float) -> str:

@@ -20,13 +20,17 @@ from .options import SamplingOptions
 from .runtime import Sampler, check_request
 
 
-def _runner(model: DiffusionModel | str | None, options: SamplingOptions | None,
-            choices: dict, start: int | None = None) -> Sampler:
-    """The loop every function here runs, over the chain's timesteps at or below `start`."""
+def _checked_model(model: DiffusionModel | str | None, num: int, seed: int, kept: int, batch: int,
+                   what: str) -> DiffusionModel:
+    """The model, loaded if need be, once the request is known to fit in memory: `kept` images
+    held until returned and one batch of `batch` (runtime.check_request), before the Sampler
+    (its engine) is built."""
     from .checkpoint import load
 
+    check_request(num, seed)
     model = model if isinstance(model, DiffusionModel) else load(model or "default")
-    return Sampler(model, options, start, **choices)
+    check_request(num, seed, model, kept=kept, batch=batch, what=what)
+    return model
 
 
 def progressive(model: DiffusionModel | str | None = None, num: int = 8, snapshots: int = 10,
@@ -34,8 +38,10 @@ def progressive(model: DiffusionModel | str | None = None, num: int = 8, snapsho
     """x̂0 predictions at `snapshots` evenly spaced steps (the last is the sample itself), for
     samples 0 … num−1 of `seed` drawn as `runtime.sample` draws them (same options).
     Returns float32 CPU (snapshots, num, C, H, W) in [−1, 1]."""
-    check_request(num, seed)
-    runner = _runner(model, options, choices)
+    # its num images in one batch, every snapshot of each kept until returned
+    model = _checked_model(model, num, seed, num * snapshots, num,
+                           f"{num} images × {snapshots} progressive snapshots")
+    runner = Sampler(model, options, **choices)
     last = runner.table.num_steps - 1
     if not 1 <= snapshots <= last + 1:
         raise UserError(f"snapshots must be between 1 and {last + 1}, got {snapshots}")
@@ -62,9 +68,10 @@ def reconstruct(model: DiffusionModel | str | None, x0: torch.Tensor, t: int, se
                 options: SamplingOptions | None = None, **choices) -> torch.Tensor:
     """Encode `x0` (N, C, H, W) in [−1, 1] to x_t and decode it back with the reverse process
     (options: those of `runtime.sample`). Returns float32 CPU (N, C, H, W)."""
-    check_request(len(x0), seed)
-    runner = _runner(model, options, choices, t)
-    x_t = encode(runner.model, x0, _start(runner), seed)
+    model = _checked_model(model, len(x0), seed, len(x0), len(x0),
+                           f"reconstructing {len(x0)} images in one batch")
+    runner = Sampler(model, options, t, **choices)
+    x_t = encode(model, x0, _start(runner), seed)
     return runner.run(seed, 0, x0.shape[0], x_start=x_t).float().clamp(-1, 1).cpu()
 
 
@@ -80,11 +87,13 @@ def interpolate(model: DiffusionModel | str | None, x0_a: torch.Tensor, x0_b: to
     a, b = (x0_a[None], x0_b[None]) if single else (x0_a, x0_b)
     if a.shape != b.shape:
         raise UserError(f"the images to interpolate differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
-    check_request(len(a), seed)
-    runner = _runner(model, options, choices, t)
     pairs = len(a)
+    # the pairs in one batch per weight, their latents and every mix kept until returned
+    model = _checked_model(model, pairs, seed, pairs * (len(lambdas) + 2), pairs,
+                           f"interpolating {pairs} pair(s) at {len(lambdas)} weights")
+    runner = Sampler(model, options, t, **choices)
     # a_p and b_p take the encoding noise of samples 2p and 2p+1: a pair's latents differ in noise
-    x_t = encode(runner.model, torch.stack([a, b], 1).flatten(0, 1), _start(runner), seed)
+    x_t = encode(model, torch.stack([a, b], 1).flatten(0, 1), _start(runner), seed)
     x_t = x_t.unflatten(0, (pairs, 2))
     out = torch.stack([runner.run(seed, 0, pairs, x_start=(1.0 - lam) * x_t[:, 0] + lam * x_t[:, 1])
                        .float().cpu() for lam in lambdas]).clamp(-1, 1)

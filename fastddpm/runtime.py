@@ -127,6 +127,10 @@ class Sampler:
         x̂0 is not even stored, unless the sampler keeps it as history (an x̂0 ring). on_progress(i) is told
         of each step done. x_start (batch, C, H, W) replaces x_T: a point on the chain at the
         table's first timestep (`Sampler(start=t)`)."""
+        # every batch is bounded here, where it is drawn (bench's --batch-size, a shard, a chunk
+        # of an FID job, a direct caller); a caller that keeps images checks them (check_request)
+        check_request_fits(self.model.config, batch, batch, f"a batch of {batch} images",
+                           "lower the batch size (--batch-size)")
         if x_start is None:
             x_start = self.initial_noise(seed, first, batch)
         elif tuple(x_start.shape) != (batch, *self.image_shape):

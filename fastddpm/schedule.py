@@ -28,9 +28,7 @@ def make_betas(kind: str = "linear", num_timesteps: int = 1000, beta_start: floa
         steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    if kind == "custom":
-        if betas is None:
-            raise UserError("a custom schedule needs its betas")
+    if kind == "custom":  # ScheduleConfig.validate has checked that the betas are there
         return torch.as_tensor(betas, dtype=torch.float64).clone()
     raise UserError(f"unknown beta schedule {kind!r}; choose one of {', '.join(KINDS)}")
 
@@ -70,6 +68,11 @@ class ScheduleConfig:
             value = getattr(self, name)
             if not is_number(value) or not 0.0 < value < 1.0:
                 raise UserError(f"schedule {name} must be a number in (0, 1), got {value!r}")
+        if (self.kind == "custom") != (self.betas is not None):
+            raise UserError("a custom schedule needs its betas (a list of num_timesteps numbers)"
+                            if self.kind == "custom" else
+                            f"schedule betas are for kind 'custom'; a {self.kind} schedule computes "
+                            "its own (drop betas, or make the kind custom)")
         if self.betas is not None:
             if (not isinstance(self.betas, list | tuple)
                     or not all(map(is_number, self.betas))):
@@ -99,6 +102,7 @@ class Schedule:
 
     def __post_init__(self):
         c = self.config
+        c.validate()  # a config made in code, not read by from_dict, is checked here
         betas = make_betas(c.kind, c.num_timesteps, c.beta_start, c.beta_end, c.betas)
         if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
             raise UserError("betas must be a 1-D list of at least 2 values in (0, 1)")

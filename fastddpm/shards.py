@@ -33,6 +33,7 @@ from .digest import state_digest
 from .distributed import Distributed
 from .errors import UserError
 from .files import atomic_write
+from .limits import check_fits
 from .model import DiffusionModel
 from .options import SamplingOptions
 from .runtime import Sampler
@@ -154,6 +155,9 @@ def sample_to(out: str | Path, model: DiffusionModel, num: int, seed: int,
     """Draw `num` images of `seed` across the job's ranks into `out` (.npz, .png or DIR/),
     resuming from the shards a previous run of the same job left. Returns the number of
     images this run drew, all ranks together (the job's missing ones, each once)."""
+    cfg = model.config
+    check_fits(f"joining {num} images", join_bytes(num, cfg.out_channels, cfg.image_size),
+               "ask for fewer (-n), or draw them as several jobs")
     folder = work_folder(out)
     options = _one_engine(model, options, ctx, options.batches(num)[0][1])
     identity = job_identity(model, num, seed, options, ctx.world)
@@ -190,6 +194,13 @@ def sample_to(out: str | Path, model: DiffusionModel, num: int, seed: int,
         shutil.rmtree(folder)
     ctx.barrier()  # no rank returns before the output is in place
     return drawn
+
+
+def join_bytes(num: int, channels: int, size: int) -> int:
+    """What rank 0 holds to write a job's output (uint8): every shard read back and their
+    concatenation, and for a PNG grid its canvas (2 px padding around each image) and PIL's copy
+    of that. The batches the ranks draw are bounded where they are drawn (Sampler.run)."""
+    return num * channels * (2 * size ** 2 + 2 * (size + 2) ** 2)
 
 
 def _join(folder: Path, shards: list[tuple[int, int]], image_shape: tuple[int, ...]) -> np.ndarray:

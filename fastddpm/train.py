@@ -29,6 +29,7 @@ from .distributed import init_distributed
 from .dtypes import DTYPES
 from .errors import UserError, is_integer, is_number
 from .files import atomic_write, read_torch_file
+from .limits import check_fits, train_bytes
 from .model import DiffusionModel, SamplingDefaults
 from .runtime import sample
 from .schedule import Schedule, ScheduleConfig
@@ -95,6 +96,8 @@ def _unet_config(cfg: TrainConfig, stored: dict | None) -> UNetConfig:
 
 
 def _check(cfg: TrainConfig) -> None:
+    if not cfg.out:  # Path("") is the current folder: the run would land among the user's files
+        raise UserError("--out is empty; name the run folder")
     for name in ("steps", "batch_size", "save_every", "log_every"):
         value = getattr(cfg, name)
         if not is_integer(value) or value <= 0:
@@ -191,6 +194,8 @@ class Trainer:
         if cfg.precision == "fp16" and device.type != "cuda":
             raise UserError("fp16 training needs a GPU; use --precision bf16 or fp32 on the CPU")
         unet_cfg = _unet_config(cfg, resumed["unet"] if resumed else None)
+        check_fits(f"a training step at --batch-size {cfg.batch_size}",
+                   cfg.batch_size * train_bytes(unet_cfg), "lower --batch-size")
         schedule_cfg = ScheduleConfig.from_dict(resumed["schedule"] if resumed else cfg.schedule)
         self.schedule = Schedule(schedule_cfg)
         self.sampling = SamplingDefaults(cfg.variance, True)

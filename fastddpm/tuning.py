@@ -27,8 +27,9 @@ import torch
 
 from .errors import UserError
 from .kernels import reverse_step_reference
+from .limits import check_fits, request_bytes
 from .model import DiffusionModel, Grid
-from .options import SamplingOptions
+from .options import MAX_BATCH, SamplingOptions
 from .runtime import Sampler
 from .samplers import COEF_FIELDS, SAMPLERS, ddim_table, timestep_sequence
 
@@ -53,17 +54,31 @@ class _Reference:
     clip: bool
 
 
-def check_request(model: DiffusionModel, sampler: str, steps: int) -> None:
-    """One-line errors, before any work: an unknown or stochastic sampler, steps outside 1..T."""
+def check_request(model: DiffusionModel, sampler: str, steps: int, calib: int) -> None:
+    """One-line errors, before any work: an unknown or stochastic sampler, steps outside 1..T,
+    more calibration draws than this machine can hold the reference of (fastddpm.limits)."""
+    if not isinstance(calib, int) or calib <= 0:
+        raise UserError(f"calib must be positive, got {calib}")
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     T = model.schedule.num_timesteps
     if not isinstance(steps, int) or not 1 <= steps <= T:
         raise UserError(f"steps must be between 1 and {T} (the model's T), got {steps}")
+    # the reference keeps x and x̂0 of every draw at each of its steps in float64, beside the
+    # calibration draws the runs return and one batch's forward
+    cfg = model.config
+    kept = 8 * (2 * _reference_steps(T, steps) + 1) * calib * cfg.out_channels * cfg.image_size ** 2
+    need = kept + request_bytes(cfg, calib, min(calib, MAX_BATCH))
+    check_fits(f"tuning on {calib} calibration draws", need, "use fewer calibration draws (--calib)")
     if not _deterministic(model, sampler):
         choices = ", ".join(s for s in SAMPLERS if _deterministic(model, s))
         raise UserError(f"the {sampler} sampler draws fresh noise at every step, so no grid makes it "
                         f"follow one path; tune a deterministic sampler ({choices})")
+
+
+def _reference_steps(T: int, steps: int) -> int:
+    """The reference's DDIM steps: REFERENCE_STEPS, at least twice the grid's, at most T."""
+    return min(T, max(REFERENCE_STEPS, 2 * steps))
 
 
 def _deterministic(model: DiffusionModel, sampler: str) -> bool:
@@ -77,12 +92,10 @@ def tune_grid(model: DiffusionModel, sampler: str, steps: int, calib: int = 256,
               report: Callable[[str], None] = lambda line: None) -> TunedGrid:
     """The grid of `steps` timesteps for `sampler` on `model` (see the module docstring).
     `options` gives the device, backend and batch size of the runs; `report` hears progress."""
-    check_request(model, sampler, steps)
-    if calib <= 0:
-        raise UserError(f"calib must be positive, got {calib}")
+    check_request(model, sampler, steps, calib)
     options = SamplingOptions.of(options, sampler=sampler, steps=steps, spacing="tuned")
     T = model.schedule.num_timesteps
-    ref = _reference(model, options, min(T, max(REFERENCE_STEPS, 2 * steps)), calib, seed)
+    ref = _reference(model, options, _reference_steps(T, steps), calib, seed)
     report(f"reference: DDIM over {len(ref.timesteps)} steps from {calib} draws of seed {seed}")
     target = ref.states[-1]
 

@@ -87,3 +87,16 @@ def test_q_sample_closed_form():
         ac = float(np.prod([1 - b for b in sched.betas[: ti + 1].tolist()]))
         expected = math.sqrt(ac) * x0[i] + math.sqrt(1 - ac) * noise[i]
         torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fields, says", [
+    (dict(kind="custom", num_timesteps=50), "a custom schedule needs its betas"),
+    (dict(kind="linear", num_timesteps=2, betas=[0.1, 0.2]), "betas are for kind 'custom'"),
+])
+def test_validate_refuses_betas_that_do_not_go_with_the_kind(fields, says):
+    """Refused by the config's own check, before any table is built (a custom schedule without
+    betas used to pass validate() and fail only in make_betas; a linear one ignored its betas)."""
+    with pytest.raises(UserError, match=says):
+        ScheduleConfig.from_dict(fields)
+    with pytest.raises(UserError, match=says):  # made in code: Schedule checks it the same way
+        Schedule(ScheduleConfig(**fields))

@@ -181,6 +181,17 @@ def test_bad_input(tmp_path, unet_json, capsys):
         assert not os.path.exists(out), f"{args}: refused input must write nothing"
 
 
+def test_an_empty_out_is_refused_not_the_current_folder(tmp_path, unet_json, capsys, monkeypatch):
+    """`--out ''` trained into the current folder (Path("") is "."): an argv the CLI fuzz grammar
+    draws, unseen while no case checked its current folder (each now runs in an empty one)."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    code, err = _cli(capsys, "--out", "", "--unet-json", unet_json, "--steps", "1", "--batch-size", "4",
+                     "--sample-every", "0", "--device", "cpu")
+    assert code == 2 and "--out is empty" in err and err.count("\n") == 1, err
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
 def test_existing_run_and_other_architecture_are_refused(tmp_path, unet_json, capsys):
     out = tmp_path / "run"
     Trainer(_config(out, unet_json, steps=2, save_every=2)).run()

@@ -75,15 +75,18 @@ def test_reported_error_is_the_samplers_distance_on_the_stored_grid(model):
     assert math.isclose(float(((few.double() - fine.double()) ** 2).mean()), result.error, rel_tol=1e-4)
 
 
-@pytest.mark.parametrize(("sampler", "steps", "message"), [
-    ("euler", 4, "unknown sampler 'euler'"),
-    ("ddpm", 4, "draws fresh noise"),  # a stochastic sampler follows no one path
-    ("dpm++", 0, "steps must be between 1 and 12"),
-    ("dpm++", T + 1, "steps must be between 1 and 12"),
+@pytest.mark.parametrize(("sampler", "steps", "calib", "message"), [
+    ("euler", 4, 8, "unknown sampler 'euler'"),
+    ("ddpm", 4, 8, "draws fresh noise"),  # a stochastic sampler follows no one path
+    ("dpm++", 0, 8, "steps must be between 1 and 12"),
+    ("dpm++", T + 1, 8, "steps must be between 1 and 12"),
+    ("dpm++", 4, 0, "calib must be positive, got 0"),
+    # its reference trajectory (float64, every step) would not fit: refused before any sampling
+    ("dpm++", 4, 10**12, "tuning on 1000000000000 calibration draws would take about"),
 ])
-def test_bad_requests_are_refused(model, sampler, steps, message):
+def test_bad_requests_are_refused(model, sampler, steps, calib, message):
     with pytest.raises(UserError, match=message):
-        tuning.check_request(model, sampler, steps)
+        tuning.check_request(model, sampler, steps, calib)
 
 
 def test_grids_survive_model_files(tmp_path, model):

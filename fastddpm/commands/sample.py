@@ -109,13 +109,8 @@ def _progressive(args: argparse.Namespace, fmt: str, options: SamplingOptions) -
                         "end --out in .png")
     if options.batch_size is not None:
         raise UserError("--progressive draws its --num images in one batch; drop --batch-size")
-    from ..checkpoint import load
-
-    model = load(args.model)
-    # its --num images in one batch, every snapshot of each kept until the grid is written
-    check_request(args.num, args.seed, model, kept=args.num * args.progressive,
-                  batch=args.num, what=f"--num {args.num} × --progressive {args.progressive}")
-    frames = paper.progressive(model, num=args.num, snapshots=args.progressive,
+    # paper.progressive bounds what it keeps before it samples
+    frames = paper.progressive(args.model, num=args.num, snapshots=args.progressive,
                                seed=args.seed, options=options)
     images.save(frames.transpose(0, 1).flatten(0, 1), args.out, nrow=args.progressive)
     print(f"wrote {args.num} images × {args.progressive} snapshots to {args.out}", file=sys.stderr)

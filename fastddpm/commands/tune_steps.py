@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{source} is a folder; give --out FILE (.pt or .safetensors) for the tuned model")
     out = check_writable_target(args.out or source)
     model = load(args.model)
-    check_request(model, args.sampler, args.steps)  # before any sampling
+    check_request(model, args.sampler, args.steps, args.calib)  # before any sampling
     # PyTorch in fp32 whatever is installed: the same grid from the same seed on every machine
     options = SamplingOptions(device=args.device, backend="torch", dtype="fp32")
     result = tune_grid(model, args.sampler, args.steps, args.calib, args.seed, options,
