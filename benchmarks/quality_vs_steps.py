@@ -25,6 +25,7 @@ import torch
 from fastddpm.checkpoint import load
 from fastddpm.judge import DigitClassifier, digit_metrics
 from fastddpm.runtime import sample
+from fastddpm.samplers import SAMPLERS, SPACINGS
 
 NFE = (4, 5, 6, 8, 10, 15, 20)
 
@@ -43,7 +44,9 @@ def table(rows: list[dict], meta: dict) -> str:
              f"seed {meta['seed']}, {meta['machine']}, torch {meta['torch']}, {meta['date']}.", "",
              "| sampler | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
              "|---|---|" + "---:|" * len(nfes)]
-    keys = list(dict.fromkeys((r["sampler"], r["spacing"]) for r in rows))
+    # samplers in the registry's order, each one's grids in SPACINGS' order (tuned last)
+    keys = sorted(dict.fromkeys((r["sampler"], r["spacing"]) for r in rows),
+                  key=lambda k: (list(SAMPLERS).index(k[0]), SPACINGS.index(k[1])))
     for sampler, spacing in keys:
         got = {r["steps"]: r["frechet_ratio"] for r in rows
                if (r["sampler"], r["spacing"]) == (sampler, spacing)}
