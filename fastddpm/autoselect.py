@@ -16,14 +16,16 @@ $FASTDDPM_AUTO_ENGINES (comma-separated) narrows the candidates (the test suite:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -168,15 +170,24 @@ def engine_for(model, options, batch: int) -> str:
     return auto.choices[batch]["engine"]
 
 
-def explain(backend: str) -> None:
-    """`--verbose`: the `fastddpm` logger's lines go to stderr; auto says what it picks and why
-    as it picks, any other backend is named now."""
-    handler = logging.StreamHandler()
+@contextlib.contextmanager
+def explained(backend: str) -> Iterator[None]:
+    """`--verbose` for the length of one command: the `fastddpm` logger's lines go to stderr;
+    auto says what it picks and why as it picks, any other backend is named now. Undone when the
+    command ends, so a caller that runs commands in one process (cli.main, the tests) gets no
+    stray lines from a later command, nor writes to a stderr that has since been replaced."""
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    if backend != "auto":
-        log.info("engine: %s (asked for with --backend)", backend)
+    try:
+        if backend != "auto":
+            log.info("engine: %s (asked for with --backend)", backend)
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def make(model, device: torch.device, dtype: torch.dtype, threads: int | None = None) -> Callable:

@@ -148,3 +148,20 @@ def test_real_engines_give_torch_images():
     if "onnxruntime" in autoselect.installed_engines():
         ort = sample(model, num=3, backend="onnxruntime", **DDIM20)
         assert (ort - want).abs().max().item() <= 1e-4
+
+
+def test_verbose_lasts_one_command(tmp_path, tiny_model_file, capsys):
+    """--verbose's stderr handler goes when its command ends: a later command in the same process
+    (cli.main called again, as the fuzz suite does) logs nothing, and never to a stderr that has
+    since been replaced."""
+    import logging
+
+    logger = logging.getLogger("fastddpm")
+    handlers, level = list(logger.handlers), logger.level
+    argv = ["sample", "--model", str(tiny_model_file), "--num", "2", "--sampler", "ddim", "--steps", "2",
+            "--device", "cpu", "--backend", "torch", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a.png"), "--verbose"]) == 0
+    assert "engine: torch (asked for with --backend)" in capsys.readouterr().err
+    assert logger.handlers == handlers and logger.level == level
+    assert main([*argv, "--out", str(tmp_path / "b.png")]) == 0
+    assert "engine:" not in capsys.readouterr().err

@@ -58,10 +58,15 @@ def run(args: argparse.Namespace) -> int:
     if args.source is None and (args.t is not None or args.interpolate is not None):
         raise UserError("--t and --interpolate start from images: add --from IMAGES")
     options = SamplingOptions.from_args(args)
-    if args.verbose:
-        from ..autoselect import explain
+    if not args.verbose:
+        return _dispatch(args, fmt, options)
+    from ..autoselect import explained
 
-        explain(options.backend)
+    with explained(options.backend):
+        return _dispatch(args, fmt, options)
+
+
+def _dispatch(args: argparse.Namespace, fmt: str, options: SamplingOptions) -> int:
     if launched_world() > 1:
         if args.progressive is not None or args.source is not None:
             raise UserError("--progressive and --from run in one process; run them without torchrun")
