@@ -6,7 +6,7 @@ steps, time grid), `num` samples of one seed are drawn and measured. Every sampl
 product of `--samplers`, `--spacings` and `--nfe`; a `tuned` cell for which the model has no
 grid is skipped and listed. Writes STEM.json (every cell, added to as cells finish, so a run
 can be resumed), STEM.md (one row per sampler and grid, one column per NFE) and, with --plot,
-a PNG of the Fréchet ratio against NFE:
+a PNG of the Fréchet ratio against NFE (matplotlib: `pip install -e ".[dev]"`):
 
     python benchmarks/quality_vs_steps.py --samplers ddim,dpm++ --spacings trailing,logsnr \\
         --nfe 4,5,6,8,10 --out benchmarks/results/default_model/quality_vs_nfe --plot
