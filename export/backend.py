@@ -24,7 +24,8 @@ def _eps_onnx(model: DiffusionModel, dtype: torch.dtype, workdir: Path) -> Path:
     """The model's ε graph in `dtype` as an ONNX file: from the disk cache (exported and validated
     into it on a miss), or exported into `workdir` where the cache cannot be written."""
     def write(folder: Path) -> None:
-        # imported on a miss only: onnx takes ~0.7 s to import, a third of a warm cold start
+        # imported on a miss only: onnx takes ~0.7 s to import (measured), which a start with a
+        # warm cache would pay for nothing
         from .onnx import OnnxOptions, export_onnx
 
         export_onnx(model, folder / "eps.onnx", OnnxOptions(dtype=dtype_name(dtype), what="eps"), log=None)
