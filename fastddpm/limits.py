@@ -85,6 +85,9 @@ def train_bytes(config: UNetConfig) -> int:
     widths, sides, areas = _levels(config)
     blocks = config.num_res_blocks
     resblocks = sum((2 * blocks + 3 * (blocks + 1)) * a for a in areas) + 2 * 2 * areas[-1]
+    # a resampling ResBlock reads its level and writes a quarter of it (down) or four times it (up)
+    resblocks += sum(2 * a for a, s in zip(areas, sides, strict=True) if s in config.resnet_down_resolutions)
+    resblocks += sum(5 * a for a, s in zip(areas, sides, strict=True) if s in config.resnet_up_resolutions)
     attended = [(2 * blocks + 1, level) for level, s in enumerate(sides) if s in config.attn_resolutions]
     if config.mid_attention:
         attended.append((1, len(widths) - 1))

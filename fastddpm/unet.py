@@ -10,7 +10,9 @@ through a 2-layer MLP added inside every residual block. Every GroupNorm (→ Si
 
 The defaults are the paper's network. The other settings are diffusers' (its names in brackets):
 `flip_sin_to_cos` and `freq_shift` of the embedding, `downsample_padding` (0: TF "SAME", pad
-right/bottom; 1: symmetric), `attention_head_dim` (None: one head), `time_scale_shift`
+right/bottom; 1: symmetric), `resnet_down_resolutions` / `resnet_up_resolutions` [a resampler
+that is a ResNet block: downsample_type/upsample_type="resnet", ResnetDownsampleBlock2D,
+ResnetUpsampleBlock2D], `attention_head_dim` (None: one head), `time_scale_shift`
 [resnet_time_scale_shift="scale_shift"], `mid_attention` [add_attention], `mid_attn_groups`
 [attn_norm_num_groups], `mid_scale` [mid_block_scale_factor], `temb_channels`
 [time_embedding_dim], `center_input` [center_input_sample].
@@ -18,6 +20,7 @@ right/bottom; 1: symmetric), `attention_head_dim` (None: one head), `time_scale_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -35,6 +38,8 @@ MAX_IMAGE_SIZE = 2048
 MAX_CHANNELS = 8192
 MAX_LEVELS = 10
 MAX_PARAMETERS = 4_000_000_000
+# the config's tuple fields, lists in JSON
+LIST_FIELDS = ("channel_mult", "attn_resolutions", "resnet_down_resolutions", "resnet_up_resolutions")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,10 @@ class UNetConfig:
     flip_sin_to_cos: bool = False  # embedding [cos, sin] instead of the original [sin, cos]
     freq_shift: int = 1  # frequencies 10000^(−k/(half − freq_shift)), k = 0..half−1
     downsample_padding: int = 0  # 0: pad right/bottom by 1 (TF "SAME"); 1: pad 1 on every side
+    # resolutions whose level halves (on the up path: doubles) through a ResBlock that average-pools
+    # (nearest-upsamples) its input and norm1's output, not through a strided conv (upsample + conv)
+    resnet_down_resolutions: tuple[int, ...] = ()
+    resnet_up_resolutions: tuple[int, ...] = ()
     attention_head_dim: int | None = None  # channels per head; None: one head over all channels
     time_scale_shift: bool = False  # norm2 → ·(1 + scale) + shift from the embedding, not + bias
     mid_attention: bool = True  # attention in the middle block
@@ -64,8 +73,8 @@ class UNetConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        d["attn_resolutions"] = list(self.attn_resolutions)
+        for key in LIST_FIELDS:
+            d[key] = list(d[key])
         return d
 
     @classmethod
@@ -75,7 +84,7 @@ class UNetConfig:
         if unknown:
             raise UserError(f"unknown U-Net config field(s) {sorted(unknown)}")
         d = dict(d)
-        for key in ("channel_mult", "attn_resolutions"):
+        for key in LIST_FIELDS:
             if isinstance(d.get(key), list | tuple):  # anything else: validate() says what it is
                 d[key] = tuple(d[key])
         cfg = cls(**d)
@@ -91,7 +100,8 @@ class UNetConfig:
             value = getattr(self, name)
             if not is_integer(value) or not low <= value <= high:
                 raise UserError(f"U-Net {name} must be an integer in {low}..{high}, got {value!r}")
-        for name, low, high in (("channel_mult", 1, 64), ("attn_resolutions", 1, MAX_IMAGE_SIZE)):
+        for name in LIST_FIELDS:
+            low, high = (1, 64) if name == "channel_mult" else (1, MAX_IMAGE_SIZE)
             values = getattr(self, name)
             if (not isinstance(values, tuple) or not all(map(is_integer, values))
                     or any(not low <= v <= high for v in values)):
@@ -136,6 +146,12 @@ class UNetConfig:
         if self.image_size % 2 ** (len(self.channel_mult) - 1):
             raise UserError(f"image_size {self.image_size} must be divisible by "
                             f"2^{len(self.channel_mult) - 1} for {len(self.channel_mult)} levels")
+        sides = [self.image_size >> i for i in range(len(self.channel_mult))]
+        for name, resampled in (("resnet_down_resolutions", sides[:-1]),
+                                ("resnet_up_resolutions", sides[1:])):
+            if not set(getattr(self, name)) <= set(resampled):
+                raise UserError(f"U-Net {name} {list(getattr(self, name))} must name levels that "
+                                f"resample, of {resampled}")
         # the widest 3×3 convolution dominates: bound the weights before building them
         params = 9 * max(widths) ** 2 * (2 * self.num_res_blocks + 1) * len(widths)
         if params > MAX_PARAMETERS:
@@ -192,9 +208,20 @@ class NormAct(nn.GroupNorm):
                                        bias_nc, self.silu, mode=self.kernels, scale_shift=scale_shift)
 
 
+def downsample(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 2)
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
 class ResBlock(nn.Module):
+    """`resample` (downsample or upsample): a resampling block (diffusers' ResnetBlock2D with
+    down/up=True), which resamples both its input, for the skip, and norm1's output."""
+
     def __init__(self, cin: int, cout: int, temb_channels: int, cfg: UNetConfig,
-                 output_scale: float = 1.0):
+                 output_scale: float = 1.0, resample: Callable | None = None):
         super().__init__()
         self.norm1 = NormAct(cfg.groups, cin, cfg.eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
@@ -205,10 +232,14 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.output_scale = output_scale
+        self.resample = resample
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         """x: (B, cin, H, W); temb_act: SiLU of the time embedding, (B, temb_channels)."""
-        h = self.conv1(self.norm1(x))
+        h = self.norm1(x)
+        if self.resample is not None:
+            x, h = self.resample(x), self.resample(h)
+        h = self.conv1(h)
         if self.scale_shift:  # norm2 → ·(1 + scale) + shift, [scale | shift] = the projection
             h = self.norm2(h, scale_shift=self.temb_proj(temb_act))
         else:  # the paper adds the projected embedding right before norm2: fold it into the norm
@@ -262,17 +293,23 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample(x))
 
 
 class Level(nn.Module):
-    """One resolution of the down or up path: res blocks, optional attention, optional resample."""
+    """One resolution of the down or up path: res blocks, optional attention, optional resample
+    (a conv, or a resampling ResBlock)."""
 
     def __init__(self, blocks: list[ResBlock], attns: list[AttnBlock], resample: nn.Module | None):
         super().__init__()
         self.res = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attns)
         self.resample = resample
+
+    def resampled(self, h: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.resample, ResBlock):
+            return self.resample(h, temb_act)
+        return self.resample(h)
 
 
 class UNet(nn.Module):
@@ -295,8 +332,13 @@ class UNet(nn.Module):
                     attns.append(AttnBlock(cur, cfg, cfg.groups))
                 skip_channels.append(cur)
             last = i == len(cfg.channel_mult) - 1
-            self.down.append(Level(blocks, attns,
-                                   None if last else Downsample(cur, cfg.downsample_padding)))
+            if last:
+                resample = None
+            elif res in cfg.resnet_down_resolutions:
+                resample = ResBlock(cur, cur, temb_ch, cfg, resample=downsample)
+            else:
+                resample = Downsample(cur, cfg.downsample_padding)
+            self.down.append(Level(blocks, attns, resample))
             if not last:
                 skip_channels.append(cur)
                 res //= 2
@@ -317,7 +359,13 @@ class UNet(nn.Module):
                 cur = ch * mult
                 if res in cfg.attn_resolutions:
                     attns.append(AttnBlock(cur, cfg, cfg.groups))
-            self.up.append(Level(blocks, attns, Upsample(cur) if i > 0 else None))
+            if i == 0:
+                resample = None
+            elif res in cfg.resnet_up_resolutions:
+                resample = ResBlock(cur, cur, temb_ch, cfg, resample=upsample)
+            else:
+                resample = Upsample(cur)
+            self.up.append(Level(blocks, attns, resample))
             if i > 0:
                 res *= 2
 
@@ -342,7 +390,7 @@ class UNet(nn.Module):
                     h = level.attn[i](h)
                 skips.append(h)
             if level.resample is not None:
-                h = level.resample(h)
+                h = level.resampled(h, temb_act)
                 skips.append(h)
         h = self.mid_res2(self.mid_attn(self.mid_res1(h, temb_act)), temb_act)
         for level in self.up:
@@ -351,7 +399,7 @@ class UNet(nn.Module):
                 if level.attn:
                     h = level.attn[i](h)
             if level.resample is not None:
-                h = level.resample(h)
+                h = level.resampled(h, temb_act)
         return self.conv_out(self.norm_out(h))
 
     def set_kernels(self, mode: str) -> UNet:

@@ -20,7 +20,7 @@ from fastddpm import checkpoint, data
 from fastddpm.interop.diffusers import SCHEDULER_CONFIG, UNET_CONFIG, load_folder, save_folder
 from fastddpm.model import DiffusionModel, SamplingDefaults
 from fastddpm.schedule import Schedule, ScheduleConfig
-from fastddpm.unet import UNetConfig
+from fastddpm.unet import LIST_FIELDS, UNetConfig
 
 MODEL = tiny_model(TINY)
 HEADER = checkpoint._header(MODEL)
@@ -202,7 +202,7 @@ def test_found_by_fuzzing_scheduler_configs(diffusers_folder, change):
         (folder / SCHEDULER_CONFIG).write_text(json.dumps(scheduler))
 
 
-@pytest.mark.parametrize("key", ["channel_mult", "attn_resolutions"])
+@pytest.mark.parametrize("key", LIST_FIELDS)
 @pytest.mark.parametrize("value", [None, 3, "ab"])
 def test_found_by_fuzzing_unet_lists(key, value):
     """A list field given as no list (was: TypeError from tuple(None))."""

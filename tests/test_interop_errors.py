@@ -51,15 +51,15 @@ def _refused(path, message):
      "up block type 'SkipUpBlock2D'"),
     ({"up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]},
      "attention in up blocks that does not mirror"),
-    ({"down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]},
-     "down block type 'ResnetDownsampleBlock2D'"),
     ({"out_channels": 5}, "out_channels 5"),
     ({"out_channels": 6}, r"variance_type 'fixed_large' needs out_channels = in_channels \(3\), "
                           "the network has 6"),
     ({"num_train_timesteps": 500}, "num_train_timesteps=500, the scheduler 1000"),
     ({"time_embedding_type": "fourier"}, "time_embedding_type='fourier'"),
     ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift='spatial'"),
-    ({"downsample_type": "resnet"}, "downsample_type='resnet'"),
+    # UNet2DModel builds attention levels that do not resample from any other value
+    ({"downsample_type": "none", "upsample_type": "none"}, "downsample_type='none'"),
+    ({"upsample_type": ["resnet"]}, r"upsample_type=\['resnet'\]"),
     ({"mid_block_type": None}, "mid_block_type=None"),
     ({"downsample_padding": 2}, "downsample_padding=2"),
     ({"flip_sin_to_cos": "yes"}, "flip_sin_to_cos='yes'"),
@@ -82,6 +82,19 @@ def _refused(path, message):
 def test_unsupported_unet_configs(good, tmp_path, change, message):
     config = {**good[0], **change}
     _refused(_folder(tmp_path / "m", config), message)  # refused before weights are looked for
+
+
+def test_a_network_diffusers_cannot_express_is_not_written(tmp_path):
+    """UNet2DModel has one downsample_type for all its attention blocks: attention levels that
+    downsample by conv and by ResBlock both are refused in one line, before any folder exists."""
+    from fastddpm.model import DiffusionModel
+    from fastddpm.unet import UNetConfig
+
+    cfg = UNetConfig(image_size=16, base_channels=8, channel_mult=(1, 1, 1), num_res_blocks=1,
+                     attn_resolutions=(16, 8), groups=4, resnet_down_resolutions=(16,))
+    with pytest.raises(UserError, match="one downsample_type for them all") as info:
+        save_folder(DiffusionModel.create(cfg), tmp_path / "out")
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
 
 
 def test_missing_settings_take_diffusers_defaults():

@@ -2,6 +2,7 @@
 that cannot fit ends in one line and exit 2 before any work, and one that fits runs."""
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -117,7 +118,12 @@ def test_a_training_batch_is_bounded_by_its_activations(tmp_path, monkeypatch):
     Trainer(TrainConfig(out=str(tmp_path / "four"), batch_size=4, device="cpu"))
 
 
-@pytest.mark.parametrize("cfg", [named_config("digits"), TINY_ATTN], ids=["digits", "attention"])
+# both of its resamplers ResBlocks (diffusers' "resnet" resampling)
+RESNET_RESAMPLING = replace(TINY_ATTN, resnet_down_resolutions=(8,), resnet_up_resolutions=(4,))
+
+
+@pytest.mark.parametrize("cfg", [named_config("digits"), TINY_ATTN, RESNET_RESAMPLING],
+                         ids=["digits", "attention", "resnet-resampling"])
 def test_the_training_estimate_covers_what_autograd_keeps(cfg):
     """train_bytes is at least what a training forward saves for its backward (saved-tensor
     hooks see each tensor; the weights are not per image), a lower bound on the step's peak."""

@@ -1,4 +1,6 @@
 """The ε-model: the paper's parameter counts and a well-formed forward."""
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny import TINY_WIDE
@@ -38,6 +40,12 @@ def test_config_round_trip_and_validation():
     assert UNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UserError, match="divisible by groups"):
         UNetConfig.from_dict({**cfg.to_dict(), "base_channels": 100})
+    resnet = replace(cfg, resnet_down_resolutions=(32, 8), resnet_up_resolutions=(4,))
+    assert UNetConfig.from_dict(resnet.to_dict()) == resnet
+    # the full-resolution level upsamples nothing, the deepest downsamples nothing
+    for field, value in (("resnet_up_resolutions", [32]), ("resnet_down_resolutions", [4])):
+        with pytest.raises(UserError, match=f"{field} .* must name levels that resample"):
+            UNetConfig.from_dict({**cfg.to_dict(), field: value})
     with pytest.raises(UserError, match="unknown U-Net config field"):
         UNetConfig.from_dict({**cfg.to_dict(), "heads": 4})
     with pytest.raises(UserError, match="unknown model config"):

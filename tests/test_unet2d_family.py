@@ -10,7 +10,8 @@ from interop_models import perturbed_unet
 
 import fastddpm
 from fastddpm.interop import save_folder
-from fastddpm.unet import CONFIGS, UNet
+from fastddpm.interop.diffusers_config import unet_config_from_diffusers
+from fastddpm.unet import CONFIGS, ResBlock, UNet
 
 BASE = {
     "sample_size": 16, "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
@@ -38,7 +39,21 @@ FAMILY = {
     # an odd embedding width (a zero column), 5-channel heads, other middle-attention groups
     "odd-width": {"block_out_channels": (15, 30, 30), "norm_num_groups": 5,
                   "attention_head_dim": 5, "attn_norm_num_groups": 3, "freq_shift": 2},
+    # attention blocks resampling through ResNet blocks (downsample_type/upsample_type "resnet")
+    # with scale-shift norms, beside a conv-upsampling UpBlock2D
+    "attention-resnet-resampling": {
+        "down_block_types": ("AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"),
+        "downsample_type": "resnet", "upsample_type": "resnet",
+        "resnet_time_scale_shift": "scale_shift", "attention_head_dim": 16},
+    # ResnetDownsampleBlock2D / ResnetUpsampleBlock2D beside a conv-resampling attention level
+    # (the paper's padding there), two blocks per level; the last ones resample nothing
+    "resnet-resampling-blocks": {
+        "down_block_types": ("ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"),
+        "up_block_types": ("ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        "layers_per_block": 2, "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1},
 }
+RESNET_RESAMPLING = ["attention-resnet-resampling", "resnet-resampling-blocks"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: hundreds of tiny ops
@@ -84,6 +99,35 @@ def test_written_back_diffusers_builds_the_same_network(member, tmp_path):
         assert (theirs.eval()(x, t).sample - unet(x, t).sample).abs().max().item() == 0.0
 
 
+def test_resnet_resampling_is_read_per_level():
+    """Which levels resample through a ResBlock: the attention ones by downsample_type /
+    upsample_type, the others by their block type; none at the levels that do not resample."""
+    configs = {name: unet_config_from_diffusers({"_class_name": "UNet2DModel", **BASE, **FAMILY[name]},
+                                                name) for name in RESNET_RESAMPLING}
+    got = {name: (c.resnet_down_resolutions, c.resnet_up_resolutions) for name, c in configs.items()}
+    assert got == {"attention-resnet-resampling": ((16, 8), (8,)),
+                   "resnet-resampling-blocks": ((16,), (4,))}
+
+
+def test_resampling_resblocks_norm_through_the_fused_op():
+    """Both norms of a resampling ResBlock, norm2 with its scale and shift, are the fused
+    group_norm_silu op where it runs (mode "op" reaches it on a CPU): two calls per block."""
+    pytest.importorskip("triton", reason="no fused op without triton")
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    name = "attention-resnet-resampling"
+    cfg = unet_config_from_diffusers({"_class_name": "UNet2DModel", **BASE, **FAMILY[name]}, name)
+    unet = UNet(cfg).eval().set_kernels("op")
+    temb = torch.randn(2, 4 * cfg.base_channels)
+    for block, x in ((unet.down[0].resample, torch.randn(2, 16, 16, 16)),
+                     (unet.up[1].resample, torch.randn(2, 32, 8, 8))):
+        assert isinstance(block, ResBlock) and block.scale_shift
+        with torch.no_grad():
+            graph = make_fx(block)(x, temb).graph
+        targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        assert sum("fastddpm.group_norm_silu" in t for t in targets) == 2
+
+
 def test_the_papers_configs_keep_their_parameter_counts():
     counts = {name: sum(p.numel() for p in UNet(cfg).parameters()) for name, cfg in CONFIGS.items()
               if name != "digits"}
@@ -121,3 +165,24 @@ def test_backends_and_onnx_graphs_run_the_family(tmp_path, monkeypatch):
     step = read_metadata(onnx.load(paths["step"], load_external_data=False))
     assert step["sampling"]["prediction"] == "v_prediction"
     assert step["unet"] == model.config.to_dict()
+
+
+@pytest.mark.slow  # an ONNX export each
+@pytest.mark.parametrize("name", RESNET_RESAMPLING)
+def test_resnet_resampling_exports_to_onnx(name, tmp_path):
+    """The resampling ResBlocks (average pooling, nearest upsampling after norm1) in the ε graph:
+    ONNX Runtime gives PyTorch's output, at batches other than the traced one."""
+    from fastddpm.export.onnx import OnnxOptions, export_onnx
+    from fastddpm.export.runners import OrtRunner
+
+    perturbed_unet({**BASE, **FAMILY[name]}, seed=7).save_pretrained(tmp_path / "m")
+    model = fastddpm.load(tmp_path / "m")
+    runner = OrtRunner(export_onnx(model, tmp_path / "eps.onnx", OnnxOptions(), log=None)["eps"])
+    gen = torch.Generator().manual_seed(8)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 16, 16, generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        with torch.no_grad():
+            want = model.unet(x, t)
+        assert want.abs().max() > 0.1
+        assert (runner(x=x, t=t)["eps"] - want).abs().max().item() <= 1e-4

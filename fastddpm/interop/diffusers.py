@@ -141,13 +141,14 @@ def save_folder(model: DiffusionModel, folder: str | Path) -> Path:
     from safetensors.torch import save_file
 
     cfg = model.config
+    unet_json = unet_config_to_diffusers(cfg)  # refuses what diffusers cannot express, first
     state = model.unet.state_dict()
     theirs = to_theirs(state, param_map(state, DIFFUSERS, len(cfg.channel_mult)))
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
              "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
     with atomic_folder(folder) as tmp:
         save_file(theirs, str(tmp / f"{WEIGHTS}.safetensors"), metadata={"format": "pt"})
-        for name, data in ((UNET_CONFIG, unet_config_to_diffusers(cfg)),
+        for name, data in ((UNET_CONFIG, unet_json),
                            (SCHEDULER_CONFIG, schedule_to_diffusers(model.schedule.config,
                                                                     model.sampling)),
                            (PIPELINE_INDEX, index)):

@@ -1,9 +1,11 @@
 """diffusers' config.json / scheduler_config.json ↔ our UNetConfig / ScheduleConfig / defaults.
 
-Every setting of `UNet2DModel` is read: those our U-Net computes become UNetConfig fields; any
-other value (a Fourier time embedding, class conditioning, resnet down/upsampling blocks, ...)
-is refused up front in one line naming the setting, never silently dropped. Values that mean
-our defaults are stored as the defaults, so the paper's networks read back as CONFIGS' entries.
+Every setting of `UNet2DModel` is read: those our U-Net computes become UNetConfig fields (a
+level's resampler, a conv or a ResNet block, from its block type or, for the attention blocks,
+downsample_type/upsample_type); any other value (a Fourier time embedding, class conditioning,
+skip or cross-attention blocks, ...) is refused up front in one line naming the setting, never
+silently dropped. Values that mean our defaults are stored as the defaults, so the paper's
+networks read back as CONFIGS' entries.
 """
 from __future__ import annotations
 
@@ -20,14 +22,17 @@ from ..unet import UNetConfig
 # own compatibility shims; these files use nothing newer than the DDPM U-Net itself.
 DIFFUSERS_VERSION = "0.30.0"
 
-DOWN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}  # type → has attention
-UP_BLOCKS = {"UpBlock2D": False, "AttnUpBlock2D": True}
+# block type → (has attention, its resampler: "conv", "resnet", or None: the model's
+# downsample_type / upsample_type, which only the attention blocks read)
+DOWN_BLOCKS = {"DownBlock2D": (False, "conv"), "ResnetDownsampleBlock2D": (False, "resnet"),
+               "AttnDownBlock2D": (True, None)}
+UP_BLOCKS = {"UpBlock2D": (False, "conv"), "ResnetUpsampleBlock2D": (False, "resnet"),
+             "AttnUpBlock2D": (True, None)}
+RESAMPLERS = ("conv", "resnet")
 
 # UNet2DModel settings our network fixes: name → (the value it must have, diffusers' default).
 FIXED_SETTINGS = {
     "time_embedding_type": ("positional", "positional"),
-    "downsample_type": ("conv", "conv"),
-    "upsample_type": ("conv", "conv"),
     "mid_block_type": ("UNetMidBlock2D", "UNetMidBlock2D"),
     "class_embed_type": (None, None),
     "num_class_embeds": (None, None),
@@ -38,7 +43,8 @@ READ_SETTINGS = {"sample_size", "in_channels", "out_channels", "block_out_channe
                  "layers_per_block", "down_block_types", "up_block_types", "dropout", "act_fn",
                  "attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "norm_eps",
                  "time_embedding_dim", "num_train_timesteps", "flip_sin_to_cos", "freq_shift",
-                 "downsample_padding", "resnet_time_scale_shift", "add_attention",
+                 "downsample_padding", "downsample_type", "upsample_type",
+                 "resnet_time_scale_shift", "add_attention",
                  "mid_block_scale_factor", "center_input_sample"}
 
 # Schedulers whose config describes the forward process the way DDPM does, and every key each
@@ -65,7 +71,7 @@ VARIANCE_ALIASES = {"fixed_small_log": "fixed_small"}
 
 def _unsupported(where: str, what: str) -> UserError:
     return UserError(f"{where}: {what} is not supported by fastddpm (it runs diffusers' "
-                     "UNet2DModel with DownBlock2D/AttnDownBlock2D/UpBlock2D/AttnUpBlock2D blocks)")
+                     f"UNet2DModel with {'/'.join([*DOWN_BLOCKS, *UP_BLOCKS])} blocks)")
 
 
 def _choice(cfg: dict, key: str, default, allowed: tuple, where: str):
@@ -120,9 +126,11 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     if not len(widths) == len(down) == len(up) or not widths:
         raise UserError(f"{where}: block_out_channels, down_block_types and up_block_types "
                         "must have one entry per level")
-    attn_levels = [i for i, kind in enumerate(down) if DOWN_BLOCKS[kind]]
-    if [UP_BLOCKS[kind] for kind in up] != [DOWN_BLOCKS[kind] for kind in reversed(down)]:
+    attn_levels = [i for i, kind in enumerate(down) if DOWN_BLOCKS[kind][0]]
+    if [UP_BLOCKS[kind][0] for kind in up] != [DOWN_BLOCKS[kind][0] for kind in reversed(down)]:
         raise _unsupported(where, "attention in up blocks that does not mirror the down blocks")
+    down_type = _choice(cfg, "downsample_type", "conv", RESAMPLERS, where)
+    up_type = _choice(cfg, "upsample_type", "conv", RESAMPLERS, where)
 
     base = widths[0]
     if any(w <= 0 or w % base for w in widths):
@@ -149,6 +157,11 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         size = size[0]
     if not isinstance(size, int):
         raise UserError(f"{where}: config.json needs an integer sample_size (the image size)")
+    # every block but the last resamples: the down ones level i, the up ones (deepest first) n−1−j
+    resnet_down = [size // 2**i for i, kind in enumerate(down[:-1])
+                   if (DOWN_BLOCKS[kind][1] or down_type) == "resnet"]
+    resnet_up = [size // 2**(len(up) - 1 - j) for j, kind in enumerate(up[:-1])
+                 if (UP_BLOCKS[kind][1] or up_type) == "resnet"]
 
     # values that say what our defaults say are stored as the defaults (see the module docstring)
     attended = {widths[i] for i in attn_levels} | ({widths[-1]} if mid_attention else set())
@@ -169,6 +182,7 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         flip_sin_to_cos=_choice(cfg, "flip_sin_to_cos", True, (True, False), where),
         freq_shift=cfg.get("freq_shift", 0),
         downsample_padding=_choice(cfg, "downsample_padding", 1, (0, 1), where),
+        resnet_down_resolutions=tuple(resnet_down), resnet_up_resolutions=tuple(resnet_up),
         attention_head_dim=head_dim, time_scale_shift=scale_shift, mid_attention=mid_attention,
         mid_attn_groups=mid_groups, mid_scale=_number(cfg, "mid_block_scale_factor", 1.0, where),
         temb_channels=None if temb == 4 * base else temb,
@@ -180,10 +194,30 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     return out
 
 
+def _block_types(blocks: dict, attention: list[bool], resamplers: list[str | None],
+                 setting: str) -> tuple[list[str], str]:
+    """Each level's block type, and the `setting` (downsample_type / upsample_type) its attention
+    blocks read, for levels with these attention flags and resamplers (None: the last level's)."""
+    attended = {r for a, r in zip(attention, resamplers, strict=True) if a and r}
+    if len(attended) > 1:
+        raise UserError(f"this U-Net's attention levels resample both by conv and by ResBlock, "
+                        f"which diffusers' UNet2DModel cannot express (one {setting} for them all)")
+    name = {spec: kind for kind, spec in blocks.items()}
+    types = [name[(True, None)] if a else name[(False, r or "conv")]
+             for a, r in zip(attention, resamplers, strict=True)]
+    return types, attended.pop() if attended else "conv"
+
+
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     """A UNet2DModel config.json dict that builds our network."""
     widths = [cfg.base_channels * m for m in cfg.channel_mult]
-    has_attn = [cfg.image_size // 2**i in cfg.attn_resolutions for i in range(len(widths))]
+    sides = [cfg.image_size // 2**i for i in range(len(widths))]
+    has_attn = [side in cfg.attn_resolutions for side in sides]
+    # down levels resample but the last, up levels (deepest first) but the full-resolution one
+    down_resamplers = ["resnet" if s in cfg.resnet_down_resolutions else "conv" for s in sides[:-1]]
+    up_resamplers = ["resnet" if s in cfg.resnet_up_resolutions else "conv" for s in sides[:0:-1]]
+    down, down_type = _block_types(DOWN_BLOCKS, has_attn, [*down_resamplers, None], "downsample_type")
+    up, up_type = _block_types(UP_BLOCKS, has_attn[::-1], [*up_resamplers, None], "upsample_type")
     out = {
         "_class_name": "UNet2DModel",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -192,8 +226,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         "out_channels": cfg.out_channels,
         "block_out_channels": widths,
         "layers_per_block": cfg.num_res_blocks,
-        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in has_attn],
-        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)],
+        "down_block_types": down,
+        "up_block_types": up,
         "dropout": cfg.dropout,
         "act_fn": "silu",
         "attention_head_dim": cfg.attention_head_dim,  # None: each block's width, one head
@@ -205,6 +239,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
         "flip_sin_to_cos": cfg.flip_sin_to_cos,
         "freq_shift": cfg.freq_shift,
         "downsample_padding": cfg.downsample_padding,
+        "downsample_type": down_type,
+        "upsample_type": up_type,
         "resnet_time_scale_shift": "scale_shift" if cfg.time_scale_shift else "default",
         "add_attention": cfg.mid_attention,
         "mid_block_scale_factor": cfg.mid_scale,

@@ -3,6 +3,8 @@
 All three are the same network (Ho et al. 2020, Appendix B) with different module names and two
 differences in form: our attention has one fused `qkv` Linear where the others hold q, k and v
 apart, and the original's q/k/v/proj_out are 1×1 convolutions, (C, C, 1, 1), not Linears, (C, C).
+A resampler is a conv, or (diffusers' "resnet" resampling) a ResBlock named as any other;
+the original code only has the conv.
 `param_map` lists, for each of our parameters, where it lives in the other layout; importing and
 exporting both read that one list, so the two directions cannot drift apart.
 """
@@ -60,14 +62,14 @@ DIFFUSERS = Layout(
         (r"time_embed\.2", _fixed("time_embedding.linear_2")),
         (r"down\.(\d+)\.res\.(\d+)", lambda m, n: f"down_blocks.{m[1]}.resnets.{m[2]}"),
         (r"down\.(\d+)\.attn\.(\d+)", lambda m, n: f"down_blocks.{m[1]}.attentions.{m[2]}"),
-        (r"down\.(\d+)\.resample\.conv", lambda m, n: f"down_blocks.{m[1]}.downsamplers.0.conv"),
+        (r"down\.(\d+)\.resample", lambda m, n: f"down_blocks.{m[1]}.downsamplers.0"),
         (r"mid_res1", _fixed("mid_block.resnets.0")),
         (r"mid_attn", _fixed("mid_block.attentions.0")),
         (r"mid_res2", _fixed("mid_block.resnets.1")),
         # both count up blocks from the deepest level
         (r"up\.(\d+)\.res\.(\d+)", lambda m, n: f"up_blocks.{m[1]}.resnets.{m[2]}"),
         (r"up\.(\d+)\.attn\.(\d+)", lambda m, n: f"up_blocks.{m[1]}.attentions.{m[2]}"),
-        (r"up\.(\d+)\.resample\.conv", lambda m, n: f"up_blocks.{m[1]}.upsamplers.0.conv"),
+        (r"up\.(\d+)\.resample", lambda m, n: f"up_blocks.{m[1]}.upsamplers.0"),
         (r"norm_out", _fixed("conv_norm_out")),
         (r"conv_out", _fixed("conv_out")),
     ),
@@ -86,14 +88,14 @@ ORIGINAL = Layout(
         (r"time_embed\.2", _fixed("temb.dense.1")),
         (r"down\.(\d+)\.res\.(\d+)", lambda m, n: f"down.{m[1]}.block.{m[2]}"),
         (r"down\.(\d+)\.attn\.(\d+)", lambda m, n: f"down.{m[1]}.attn.{m[2]}"),
-        (r"down\.(\d+)\.resample\.conv", lambda m, n: f"down.{m[1]}.downsample.conv"),
+        (r"down\.(\d+)\.resample", lambda m, n: f"down.{m[1]}.downsample"),
         (r"mid_res1", _fixed("mid.block_1")),
         (r"mid_attn", _fixed("mid.attn_1")),
         (r"mid_res2", _fixed("mid.block_2")),
         # the original indexes its up path by level (0 = full resolution); ours from the deepest
         (r"up\.(\d+)\.res\.(\d+)", lambda m, n: f"up.{n - 1 - int(m[1])}.block.{m[2]}"),
         (r"up\.(\d+)\.attn\.(\d+)", lambda m, n: f"up.{n - 1 - int(m[1])}.attn.{m[2]}"),
-        (r"up\.(\d+)\.resample\.conv", lambda m, n: f"up.{n - 1 - int(m[1])}.upsample.conv"),
+        (r"up\.(\d+)\.resample", lambda m, n: f"up.{n - 1 - int(m[1])}.upsample"),
         (r"norm_out", _fixed("norm_out")),
         (r"conv_out", _fixed("conv_out")),
     ),
@@ -105,7 +107,8 @@ ORIGINAL = Layout(
 )
 
 _ATTN = re.compile(r"(?:down|up)\.\d+\.attn\.\d+|mid_attn")
-_RES = re.compile(r"(?:down|up)\.\d+\.res\.\d+|mid_res[12]")
+# a resampler is a conv (`conv`, named alike in every layout) or a ResBlock: both named as ResBlocks
+_RES = re.compile(r"(?:down|up)\.\d+\.(?:res\.\d+|resample)|mid_res[12]")
 
 
 def _their_module(layout: Layout, path: str, num_levels: int) -> str:
