@@ -159,6 +159,9 @@ def bits_per_dim(model: DiffusionModel, images: torch.Tensor, seed: int = 0,
     """The bound for each of `images` (N, C, H, W) in [−1, 1] (rounded to 8 bits first): all T
     terms, N·T ε evaluations, run as batches of `batch_size` (image, t) pairs."""
     _check_images(model, images)
+    if model.schedule.alphas_cumprod[-1] == 0:
+        raise UserError("bits/dim needs ᾱ > 0 at t = T: this model's schedule has zero terminal SNR "
+                        "(rescale_betas_zero_snr), where the bound's x̂0 goes through 1/√ᾱ_T")
     if batch_size <= 0:
         raise UserError(f"batch size must be positive, got {batch_size}")
     dev = resolve_device(device)

@@ -8,7 +8,7 @@ import torch
 from .errors import UserError, is_integer
 from .options import FALLBACK_SPACING, FAST_STEPS, SAFE_STEPS, SamplingOptions
 from .prediction import check_prediction, for_prediction
-from .samplers import SAMPLERS, VARIANCES, SamplerTable, make_table
+from .samplers import SAMPLERS, VARIANCES, SamplerTable, make_table, timestep_sequence
 from .schedule import Schedule, ScheduleConfig
 from .unet import UNet, UNetConfig
 from .variance import check_channels
@@ -23,6 +23,10 @@ class SamplingDefaults:
     variance: str = "fixed_large"
     clip: bool = True  # clip x̂0 to [−1, 1]
     prediction: str = "epsilon"  # what the network predicts: epsilon | sample | v_prediction
+    # False: DDIM's last step goes to ᾱ_0 instead of 1 (diffusers' DDIMScheduler setting; the
+    # other samplers end at ᾱ = 1, as diffusers' other schedulers, which lack the key, do)
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0  # added to the 'leading' grid's timesteps, as diffusers does
     # time grids tuned for this model (`fastddpm tune-steps`, `--spacing tuned`), one per
     # (sampler, steps), sorted: ((sampler, steps, timesteps), ...)
     grids: tuple[tuple[str, int, Grid], ...] = ()
@@ -31,19 +35,26 @@ class SamplingDefaults:
         d = {"variance": self.variance, "clip": self.clip}
         if self.prediction != "epsilon":  # absent for ε: files read as before
             d["prediction"] = self.prediction
+        if not self.set_alpha_to_one:  # these too are absent at their defaults
+            d["set_alpha_to_one"] = False
+        if self.steps_offset:
+            d["steps_offset"] = self.steps_offset
         if self.grids:  # absent when empty: files without grids read as before
             d["grids"] = [{"sampler": s, "steps": n, "timesteps": list(ts)} for s, n, ts in self.grids]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingDefaults:
-        unknown = set(d) - {"variance", "clip", "prediction", "grids"}
+        unknown = set(d) - {"variance", "clip", "prediction", "set_alpha_to_one", "steps_offset", "grids"}
         if unknown:
             raise UserError(f"unknown sampling field(s) {sorted(unknown)}")
         out = cls(**{**d, "grids": _grids_from_list(d.get("grids", []))})
         if out.variance not in VARIANCES:
             raise UserError(f"unknown variance type {out.variance!r}; choose one of {', '.join(VARIANCES)}")
         check_prediction(out.prediction)
+        if not isinstance(out.set_alpha_to_one, bool):
+            raise UserError(f"sampling set_alpha_to_one must be true or false, got {out.set_alpha_to_one!r}")
+        check_steps_offset(out.steps_offset)
         return out
 
     def grid(self, sampler: str, steps: int) -> Grid | None:
@@ -55,6 +66,11 @@ class SamplingDefaults:
         kept = [g for g in self.grids if (g[0], g[1]) != (sampler, steps)]
         grids = sorted([*kept, (sampler, steps, tuple(int(t) for t in timesteps))])
         return replace(self, grids=tuple(grids))
+
+
+def check_steps_offset(offset) -> None:
+    if not is_integer(offset) or offset < 0:
+        raise UserError(f"steps_offset must be an integer ≥ 0, got {offset!r}")
 
 
 def _grids_from_list(items) -> tuple[tuple[str, int, Grid], ...]:
@@ -117,10 +133,12 @@ class DiffusionModel:
             extra["eta"] = options.eta or 0.0
         if "variance" in SAMPLERS[options.sampler].options:
             extra["variance"] = self.sampling.variance
+        if "set_alpha_to_one" in SAMPLERS[options.sampler].options:
+            extra["set_alpha_to_one"] = self.sampling.set_alpha_to_one
         clip = self.sampling.clip if options.clip is None else options.clip
         steps, grid = self.plan(options)
         table = make_table(self.schedule, options.sampler, steps, grid, clip=clip, start=start, **extra)
-        return for_prediction(table, self.schedule.alphas_cumprod, self.sampling.prediction)
+        return for_prediction(table, self.sampling.prediction)
 
     def plan(self, options: SamplingOptions) -> tuple[int, str | Grid]:
         """The step count and time grid `options` mean on this model.
@@ -128,7 +146,8 @@ class DiffusionModel:
         steps None: the model's T for DDPM (the paper's procedure); FAST_STEPS[sampler] where the
         model has a tuned grid there (unless another spacing is asked); SAFE_STEPS otherwise.
         spacing None: the tuned grid for (sampler, steps) where the model has one, else
-        FALLBACK_SPACING; 'tuned': that grid, or a one-line error naming `fastddpm tune-steps`."""
+        FALLBACK_SPACING; 'tuned': that grid, or a one-line error naming `fastddpm tune-steps`;
+        'leading' on a model with a steps_offset: that grid shifted by it (`_leading_grid`)."""
         sampler, steps, spacing = options.sampler, options.steps, options.spacing
         T = self.schedule.num_timesteps
         if steps is None:
@@ -142,12 +161,26 @@ class DiffusionModel:
         grid = self.sampling.grid(sampler, steps)
         if spacing is None:
             return steps, grid or FALLBACK_SPACING
+        if spacing == "leading" and self.sampling.steps_offset:
+            return steps, self._leading_grid(steps)
         if spacing != "tuned":
             return steps, spacing
         if grid is None:
             raise UserError(f"this model has no tuned time grid for {sampler} at {steps} steps; make "
                             f"one with `fastddpm tune-steps MODEL --steps {steps} --sampler {sampler}`")
         return steps, grid
+
+    def _leading_grid(self, steps: int) -> Grid:
+        """The leading grid plus the model's steps_offset, as diffusers' DDPM and DDIM schedulers
+        visit it. The offset must stay below the grid's stride T // steps: diffusers' last step
+        would otherwise go to t = offset − stride ≥ 0 and end short of x_0 (or past T − 1)."""
+        grid = timestep_sequence(self.schedule, steps, "leading")
+        offset, T = self.sampling.steps_offset, self.schedule.num_timesteps
+        if offset >= T // steps:
+            raise UserError(f"steps_offset={offset} needs a leading grid whose stride T // steps "
+                            f"exceeds it; {steps} steps of {T} have stride {T // steps} (fewer "
+                            "steps, or another --spacing)")
+        return tuple(t + offset for t in grid)
 
 
 def check_weights(unet: torch.nn.Module, state: dict, where: str) -> None:

@@ -11,7 +11,15 @@ in (x_t, model output m):
 
 so substituting it into a table built for ε (fastddpm/samplers.py: x̂0 = c_x x_t − c_e ε and the
 c·ε term of x_prev) leaves a table of the same form in m: the kernel, the ONNX step graph and the
-C++ sampler run every prediction type unchanged.
+C++ sampler run every prediction type unchanged. x̂0's row is written in its closed form,
+
+    x̂0 = k_x · x_t − k_m · m
+        epsilon:  k_x = 1/√ᾱ_t,  k_m = √(1/ᾱ_t − 1)   (the ε table's c_x, c_e)
+        sample:   k_x = 0,       k_m = −1
+        v:        k_x = √ᾱ_t,    k_m = √(1−ᾱ_t)
+
+which the substitution equals, but finite at ᾱ_t = 0 (t = T of a zero-terminal-SNR schedule),
+where x̂0 from ε is undefined.
 """
 from __future__ import annotations
 
@@ -43,22 +51,32 @@ def noise_coefficients(prediction: str, alphas_cumprod: torch.Tensor) -> tuple[t
     return (1.0 - ac).sqrt(), ac.sqrt()
 
 
-def for_prediction(table: SamplerTable, alphas_cumprod: torch.Tensor, prediction: str) -> SamplerTable:
-    """`table` (built for ε) for a model that predicts `prediction`; alphas_cumprod: ᾱ (T,) of
-    the schedule. x̂0 = (c_x − c_e q_x) x_t − (c_e q_m) m and c·ε = c q_x x_t + c q_m m."""
+def for_prediction(table: SamplerTable, prediction: str) -> SamplerTable:
+    """`table` (built for ε, its x̂0 row the ε one at `table.alphas_cumprod`) for a model that
+    predicts `prediction`: x̂0's row (k_x, k_m) in its closed form, and c·ε = c q_x x_t + c q_m m."""
     check_prediction(prediction)
     if prediction == "epsilon":
+        zero = (table.alphas_cumprod == 0).nonzero()
+        if len(zero):
+            t = int(table.timesteps[zero[0, 0]])
+            raise UserError(f"ᾱ = 0 at t = {t} (rescale_betas_zero_snr, zero terminal SNR): an "
+                            f"ε-prediction model's x̂0 is undefined there and the {table.name} "
+                            "sampler steps from it; use a grid that skips it (--spacing leading) "
+                            "or the dpm++ or unipc sampler (ᾱ = 2^-24 there, as diffusers')")
         return table
     # an ε-history ring keeps the model's output m, and an earlier step's ε is q_x·x + q_m·m at
     # that step's x, which no ring holds: such tables run ε-prediction models only
     if table.history_kind == "eps":
         raise UserError(f"the {table.name} sampler keeps a history of ε and runs ε-prediction "
                         f"models only; this model predicts {prediction} (use unipc or dpm++)")
-    q_x, q_m = noise_coefficients(prediction, alphas_cumprod[table.timesteps])
+    ac = table.alphas_cumprod
+    q_x, q_m = noise_coefficients(prediction, ac)
     coef = table.coef.clone()
     c_x, c_e, b, c = (COEF_FIELDS.index(name) for name in ("c_x", "c_e", "b", "c"))
-    coef[:, c_x] = table.coef[:, c_x] - table.coef[:, c_e] * q_x
-    coef[:, c_e] = table.coef[:, c_e] * q_m
+    if prediction == "sample":  # x̂0 = m
+        coef[:, c_x], coef[:, c_e] = 0.0, -1.0
+    else:  # x̂0 = √ᾱ x_t − √(1−ᾱ) v
+        coef[:, c_x], coef[:, c_e] = ac.sqrt(), (1.0 - ac).sqrt()
     coef[:, b] = table.coef[:, b] + table.coef[:, c] * q_x
     coef[:, c] = table.coef[:, c] * q_m
     return dataclasses.replace(table, coef=coef)

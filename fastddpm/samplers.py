@@ -1,7 +1,7 @@
 """Samplers as tables: every sampler is one linear update per step, built here in float64.
 
 For step i (sampling order, i = 0 is the noisiest) at model timestep t_i, stepping to t_{i+1}
-(−1 after the last step, where ᾱ = 1):
+(−1 after the last step, where ᾱ = 1; DDIM's may end at ᾱ_0 instead, `ddim_table`):
 
     x̂0     = c_x · x_t − c_e · ε            (clipped to [−1, 1] when the table says so)
     x_prev = a · x̂0 + b · x_t + c · ε + d1 · x̂0_{i−1} + d2 · x̂0_{i−2} + d3 · x̂0_{i−3} + σ · z
@@ -50,6 +50,9 @@ COEF_FIELDS = ("c_x", "c_e", "a", "b", "c", *(f"d{k}" for k in range(1, HISTORY 
 class SamplerTable:
     name: str
     timesteps: torch.Tensor  # int64 (S,): the model's t at each step, descending
+    # float64 (S,): the ᾱ each step forms x̂0 at — the schedule's at t, but 2^-24 where that is 0
+    # in the multistep solvers' tables (`_multistep_table`)
+    alphas_cumprod: torch.Tensor
     coef: torch.Tensor  # float64 (S, len(COEF_FIELDS)): columns COEF_FIELDS
     clip: bool  # clip x̂0 to [−1, 1]
     history_kind: str = "x0"  # x0 | eps: what d1..d3 weigh, and what the history ring keeps
@@ -116,6 +119,9 @@ def _named_grid(schedule: Schedule, steps: int, spacing: str) -> np.ndarray:
         return _distinct(np.floor(np.linspace(0.0, np.sqrt(0.8 * T), steps) ** 2), T)
     if spacing == "logsnr":
         ac = schedule.alphas_cumprod.numpy()
+        if ac[-1] == 0:
+            raise UserError("the logsnr spacing needs ᾱ > 0 at t = T; this schedule has zero "
+                            "terminal SNR (diffusers' rescale_betas_zero_snr), where λ = −∞")
         lam = np.log(ac) - np.log1p(-ac)  # decreasing in t
         targets = np.linspace(lam[-1], lam[0], steps + 1)[:steps]  # noisiest first
         return _distinct(_nearest_t(lam, targets)[::-1], T)
@@ -157,23 +163,26 @@ def _checked_grid(grid: Sequence[int], steps: int, T: int) -> list[int]:
     return ts
 
 
-def _alphas_cumprod_pairs(schedule: Schedule, ts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """ᾱ at each visited t and at the t it steps to (1 after the last step)."""
+def _alphas_cumprod_pairs(schedule: Schedule, ts: list[int], final: float = 1.0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ᾱ at each visited t and at the t it steps to (`final` after the last step)."""
     ac = schedule.alphas_cumprod
     ac_t = ac[ts]
-    ac_prev = torch.cat([ac[ts[1:]], torch.ones(1, dtype=torch.float64)])
+    ac_prev = torch.cat([ac[ts[1:]], torch.full((1,), final, dtype=torch.float64)])
     return ac_t, ac_prev
 
 
 def _table(name: str, ts: list[int], clip: bool, ac_t: torch.Tensor, *, history_kind: str = "x0",
            learned: str | None = None, **cols) -> SamplerTable:
+    """The table of an ε-prediction model (prediction.for_prediction rewrites it for others); at
+    ᾱ_t = 0 (zero terminal SNR) its x̂0 row is infinite, as x̂0 from ε is undefined there."""
     coef = torch.zeros(len(ts), len(COEF_FIELDS), dtype=torch.float64)
     coef[:, 0] = ac_t.rsqrt()  # c_x = 1/√ᾱ_t        (x̂0 from eq. 4 solved for x0)
     coef[:, 1] = (1.0 / ac_t - 1.0).sqrt()  # c_e = √(1/ᾱ_t − 1)
     for key, value in cols.items():
         coef[:, COEF_FIELDS.index(key)] = value
-    return SamplerTable(name, torch.tensor(ts, dtype=torch.int64), coef, clip, history_kind=history_kind,
-                        learned_variance=learned)
+    return SamplerTable(name, torch.tensor(ts, dtype=torch.int64), ac_t, coef, clip,
+                        history_kind=history_kind, learned_variance=learned)
 
 
 def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
@@ -203,7 +212,8 @@ def ddpm_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
 
 
 def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "leading", *,
-               clip: bool, eta: float = 0.0, start: int | None = None) -> SamplerTable:
+               clip: bool, eta: float = 0.0, set_alpha_to_one: bool = True,
+               start: int | None = None) -> SamplerTable:
     """DDIM (Song et al. 2021, eq. 12) from each visited t to the next visited one:
     x_prev = √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z, with ε̂ = (x_t − √ᾱ_t x̂0)/√(1 − ᾱ_t) the
     noise that the (possibly clipped) x̂0 implies, so the update is linear in x̂0 and x_t alone,
@@ -213,11 +223,16 @@ def ddim_table(schedule: Schedule, steps: int | None = None, spacing: str = "lea
     bundled model's quality_vs_steps).
 
     diffusers steps back by T // steps whatever the spacing; for 'leading' and 'trailing' that is
-    the next visited step, for 'linspace' it is not, and we follow the paper."""
+    the next visited step, for 'linspace' it is not, and we follow the paper.
+
+    The last step goes to ᾱ = 1, or with `set_alpha_to_one=False` to ᾱ_0 of the schedule (its
+    first t), as diffusers' DDIMScheduler does then; that setting is DDIM's alone, the other
+    samplers end at ᾱ = 1 as their diffusers schedulers do."""
     if not 0.0 <= eta <= 1.0:
         raise UserError(f"eta must be in [0, 1], got {eta}")
     ts = timestep_sequence(schedule, steps, spacing, start)
-    ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
+    final = 1.0 if set_alpha_to_one else float(schedule.alphas_cumprod[0])
+    ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts, final)
     # σ = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (eq. 16)
     sigma = eta * ((1.0 - ac_prev) / (1.0 - ac_t) * (1.0 - ac_t / ac_prev)).sqrt()
     return _table("ddim", ts, clip, ac_t, **_ddim_update(ac_t, ac_prev, sigma), sigma=sigma)
@@ -248,9 +263,12 @@ def ipndm_table(schedule: Schedule, steps: int | None = None, spacing: str = "le
 
 def _multistep_table(name: str, schedule: Schedule, steps: int | None, spacing: str,
                      start: int | None, clip: bool, solve: Callable[..., np.ndarray]) -> SamplerTable:
-    """A solver of fastddpm/solvers.py over the visited grid: its forms (b, a, d1 … dk) per step."""
+    """A solver of fastddpm/solvers.py over the visited grid: its forms (b, a, d1 … dk) per step.
+    Where ᾱ_t = 0 (t = T of a zero-terminal-SNR schedule) it takes ᾱ_t = 2^-24, as diffusers'
+    DPMSolverMultistep and UniPCMultistep schedulers do: their λ and σ/α need ᾱ > 0."""
     ts = timestep_sequence(schedule, steps, spacing, start)
     ac_t, ac_prev = _alphas_cumprod_pairs(schedule, ts)
+    ac_t = torch.where(ac_t == 0, 2.0**-24, ac_t)
     forms = torch.from_numpy(solve(ac_t.numpy(), ac_prev.numpy()))
     history = {f"d{k}": forms[:, 1 + k] for k in range(1, HISTORY + 1)}
     return _table(name, ts, clip, ac_t, b=forms[:, 0], a=forms[:, 1], **history)
@@ -298,7 +316,7 @@ class SamplerSpec:
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(ddpm_table, ("variance",)),  # the variance is the model's, not a choice
-    "ddim": SamplerSpec(ddim_table, ("eta",)),
+    "ddim": SamplerSpec(ddim_table, ("eta", "set_alpha_to_one")),  # the latter is the model's
     "dpm++": SamplerSpec(dpmpp_2m_table, ()),  # DPM-Solver++(2M)
     "dpm++3m": SamplerSpec(dpmpp_3m_table, ()),  # DPM-Solver++(3M)
     "unipc": SamplerSpec(partial(unipc_table, order=2, variant="bh2"), ()),  # diffusers' default

@@ -33,6 +33,21 @@ def make_betas(kind: str = "linear", num_timesteps: int = 1000, beta_start: floa
     raise UserError(f"unknown beta schedule {kind!r}; choose one of {', '.join(KINDS)}")
 
 
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """β rescaled to zero terminal SNR (Lin et al. 2023, Algorithm 1; diffusers'
+    rescale_betas_zero_snr), float64: √ᾱ shifted so that √ᾱ_T = 0 and scaled so that √ᾱ_1 keeps
+    its value; then β_T = 1. Betas already at ᾱ_T = 0 are returned as they are (shift 0, scale 1:
+    recomputing them would only add rounding), so a rescaled schedule written out and read back
+    with the flag is unchanged."""
+    betas = betas.to(torch.float64)
+    root = torch.cumprod(1.0 - betas, 0).sqrt()
+    if root[-1] == 0:
+        return betas.clone()
+    root = (root - root[-1]) * (root[0] / (root[0] - root[-1]))
+    ac = root**2
+    return 1.0 - torch.cat([ac[:1], ac[1:] / ac[:-1]])
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     kind: str = "linear"
@@ -104,8 +119,12 @@ class Schedule:
         c = self.config
         c.validate()  # a config made in code, not read by from_dict, is checked here
         betas = make_betas(c.kind, c.num_timesteps, c.beta_start, c.beta_end, c.betas)
-        if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas < 1)).all()):
-            raise UserError("betas must be a 1-D list of at least 2 values in (0, 1)")
+        # β_T = 1 (ᾱ_T = 0) is a zero-terminal-SNR schedule (`zero_terminal_snr`); a 1 earlier
+        # would leave every later ᾱ at 0 and the steps between them undefined
+        if (betas.ndim != 1 or len(betas) < 2 or not bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all())
+                or not 0 < betas[-1] <= 1):
+            raise UserError("betas must be a 1-D list of at least 2 values in (0, 1), the last in "
+                            "(0, 1] (1: zero terminal SNR)")
         alphas = 1.0 - betas
         ac = torch.cumprod(alphas, 0)
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])

@@ -1,6 +1,6 @@
 """Test helper: the two sampling chains the interop tests compare, in float64 from one x_T with
 one noise — ours (a loaded model's table, its network's output split into prediction and
-learned variance as the runtime splits it, the reverse-step reference) and diffusers' own
+learned variance as the runtime splits it, the reverse-step reference and history ring) and diffusers' own
 scheduler loop (its randn_tensor handed our noise by the caller)."""
 import copy
 
@@ -23,14 +23,17 @@ def chain_noise(seed: int, batch: int, steps: int, shape: tuple[int, ...]
 
 def our_chain(model: DiffusionModel, table: SamplerTable, x_T: torch.Tensor,
               noise: list[torch.Tensor]) -> torch.Tensor:
+    """`table`'s chain from x_T, with its history ring (the x̂0's, or raw ε's, of the last
+    `table.history` steps, newest first) kept as the runtime keeps it."""
     net = copy.deepcopy(model.unet).double()
-    x = x_T
+    x, history, eps_history = x_T, [], table.history_kind == "eps"
     with torch.no_grad():
         for i, t in enumerate(table.timesteps.tolist()):
             prediction, w = split_output(net(x, torch.full((x.shape[0],), t)), x.shape[1],
                                          table.learned_variance)
-            x, _ = reverse_step_reference(x, prediction, table.coef[i], noise[i], clip=table.clip,
-                                          variance=w)
+            x, x0 = reverse_step_reference(x, prediction, table.coef[i], noise[i], history,
+                                           clip=table.clip, variance=w, eps_history=eps_history)
+            history = [prediction if eps_history else x0, *history][:table.history]
     return x
 
 

@@ -8,7 +8,9 @@ test formulas, timesteps, clipping and where noise enters — not rounding.
 
 There is no public way to give diffusers a float64 table, so this writes the one attribute
 `step()` reads it from, `alphas_cumprod` (DDPMScheduler and DDIMScheduler, diffusers 0.42): their
-β_t and α_t are re-derived from ᾱ ratios, and the ᾱ = 1 past the last step is exact in float32.
+β_t and α_t are re-derived from ᾱ ratios, and the ᾱ = 1 past the last step is exact in float32
+(DDIM with set_alpha_to_one=False ends at `final_alpha_cumprod`, its float32 copy of ᾱ_0: that is
+written too).
 Should a diffusers release read another attribute, the float32 rounding shows at once as
 failures of the 1e-6 comparisons, never as a silent pass."""
 import torch
@@ -19,6 +21,8 @@ from fastddpm.schedule import Schedule
 def with_float64_tables(scheduler, schedule: Schedule):
     assert scheduler.alphas_cumprod.shape == schedule.alphas_cumprod.shape, "another T"
     scheduler.alphas_cumprod = schedule.alphas_cumprod.clone()
+    if not getattr(scheduler.config, "set_alpha_to_one", True):  # DDIM's last ᾱ_prev: ᾱ_0, a copy
+        scheduler.final_alpha_cumprod = schedule.alphas_cumprod[0].clone()
     return scheduler
 
 
@@ -28,7 +32,10 @@ def with_float64_sigmas(scheduler, schedule: Schedule, timesteps: list[int]):
     attributes its step() reads the grid from. set_timesteps rounds σ to float32 (UniPC also
     spaces 'leading' differently from DDPM/DDIM), so both are written after it."""
     scheduler.set_timesteps(len(timesteps))
-    ac = schedule.alphas_cumprod[timesteps]
+    # where ours is 0 (t = T of a zero-terminal-SNR schedule), the scheduler's own ᾱ there: its
+    # rescale_betas_zero_snr puts 2^-24, exact in float32
+    ac = torch.where(schedule.alphas_cumprod == 0, scheduler.alphas_cumprod.double(),
+                     schedule.alphas_cumprod)[timesteps]
     scheduler.timesteps = torch.tensor(timesteps, dtype=torch.int64)
     scheduler.sigmas = torch.cat([((1.0 - ac) / ac).sqrt(), torch.zeros(1, dtype=torch.float64)])
     return scheduler

@@ -346,7 +346,8 @@ def test_cli_samples_from_a_diffusers_folder_and_converts_default(tmp_path, monk
     (DDPMScheduler(prediction_type="sample", variance_type="fixed_small_log", clip_sample=False),
      SamplingDefaults("fixed_small", False, "sample")),  # the same σ, taken through its log
     (DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=1,
-                   set_alpha_to_one=True), SamplingDefaults("fixed_small", True, "v_prediction")),
+                   set_alpha_to_one=True),  # the offset is kept for --spacing leading
+     SamplingDefaults("fixed_small", True, "v_prediction", steps_offset=1)),
     (DPMSolverMultistepScheduler(solver_order=3, prediction_type="sample", use_karras_sigmas=True),
      SamplingDefaults("fixed_small", False, "sample")),  # its solver settings are diffusers' loop's
 ])

@@ -66,7 +66,7 @@ def test_the_raw_eps_term_is_converted_too(prediction):
     coef = table.coef.clone()
     coef[:, COEF_FIELDS.index("c")] = torch.rand(len(coef), generator=g, dtype=torch.float64) + 0.5
     eps_table = dataclasses.replace(table, coef=coef)
-    converted = for_prediction(eps_table, model.schedule.alphas_cumprod, prediction)
+    converted = for_prediction(eps_table, prediction)
     x0 = torch.randn(2, 6, generator=g, dtype=torch.float64)
     eps = torch.randn(2, 6, generator=g, dtype=torch.float64)
     for i, t in enumerate(table.timesteps.tolist()):

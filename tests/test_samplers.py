@@ -314,5 +314,5 @@ def test_ipndm_bad_input_is_refused(sampler):
     table = make_table(SCHEDULE, sampler, 5, "trailing", clip=True)
     for prediction in ("sample", "v_prediction"):  # the ring holds the network's output, not ε
         with pytest.raises(UserError, match="runs ε-prediction models only"):
-            for_prediction(table, SCHEDULE.alphas_cumprod, prediction)
-    assert for_prediction(table, SCHEDULE.alphas_cumprod, "epsilon") is table
+            for_prediction(table, prediction)
+    assert for_prediction(table, "epsilon") is table

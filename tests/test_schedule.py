@@ -65,10 +65,26 @@ def test_custom_betas_round_trip():
     assert Schedule(ScheduleConfig.from_dict(sched.config.to_dict())).betas.equal(sched.betas)
 
 
-@pytest.mark.parametrize("betas", [[0.1], [0.1, 1.0], [0.0, 0.1], [0.2, -0.1]])
+@pytest.mark.parametrize("betas", [[0.1], [1.0, 0.1], [0.1, 1.0, 0.1], [0.1, 1.5], [0.0, 0.1], [0.2, -0.1]])
 def test_invalid_betas_are_refused(betas):
     with pytest.raises(UserError):
         Schedule(ScheduleConfig(kind="custom", num_timesteps=len(betas), betas=betas))
+
+
+def test_zero_terminal_snr_matches_diffusers_rescale():
+    """Lin et al.'s rescale against diffusers' own function run on float64 betas: β_T = 1,
+    ᾱ_T = 0, √ᾱ_1 kept; the schedule accepts it, and rescaling it again changes nothing."""
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    from fastddpm.schedule import make_betas, zero_terminal_snr
+
+    betas = make_betas("quadratic", 1000, 8.5e-4, 0.012)
+    ours = zero_terminal_snr(betas)
+    torch.testing.assert_close(ours, rescale_zero_terminal_snr(betas.clone()), rtol=1e-12, atol=0)
+    assert ours[-1] == 1.0 and ours[0].item() == pytest.approx(betas[0].item(), rel=1e-12)
+    sched = Schedule(ScheduleConfig("custom", 1000, betas=ours.tolist()))
+    assert sched.alphas_cumprod[-1] == 0 and bool(torch.isfinite(sched.posterior_log_variance_clipped).all())
+    assert torch.equal(zero_terminal_snr(ours), ours)
 
 
 def test_unknown_kind_is_refused():

@@ -4,8 +4,9 @@ Reads the three layouts diffusers uses for unconditional DDPMs: a `UNet2DModel` 
 (config.json + diffusion_pytorch_model.safetensors or .bin), a pipeline folder (model_index.json
 + unet/ + scheduler/), and the flat layout of the google/ddpm-* repositories (model_index.json,
 config.json, the weights and scheduler_config.json side by side). Writes the flat layout: both
-`UNet2DModel.from_pretrained(dir)` and `DDPMPipeline.from_pretrained(dir)` read it, since
-diffusers loads a pipeline component from the root when its subfolder is absent.
+`UNet2DModel.from_pretrained(dir)` and `DDPMPipeline.from_pretrained(dir)` (`DDIMPipeline` for
+a model whose DDIM ends at ᾱ_0, written with a DDIMScheduler) read it, since diffusers loads a
+pipeline component from the root when its subfolder is absent.
 """
 from __future__ import annotations
 
@@ -144,13 +145,13 @@ def save_folder(model: DiffusionModel, folder: str | Path) -> Path:
     unet_json = unet_config_to_diffusers(cfg)  # refuses what diffusers cannot express, first
     state = model.unet.state_dict()
     theirs = to_theirs(state, param_map(state, DIFFUSERS, len(cfg.channel_mult)))
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    scheduler = schedule_to_diffusers(model.schedule.config, model.sampling)
+    kind = scheduler["_class_name"]  # DDPMScheduler, or DDIMScheduler (schedule_to_diffusers)
+    index = {"_class_name": kind.replace("Scheduler", "Pipeline"), "_diffusers_version": DIFFUSERS_VERSION,
+             "scheduler": ["diffusers", kind], "unet": ["diffusers", "UNet2DModel"]}
     with atomic_folder(folder) as tmp:
         save_file(theirs, str(tmp / f"{WEIGHTS}.safetensors"), metadata={"format": "pt"})
-        for name, data in ((UNET_CONFIG, unet_json),
-                           (SCHEDULER_CONFIG, schedule_to_diffusers(model.schedule.config,
-                                                                    model.sampling)),
+        for name, data in ((UNET_CONFIG, unet_json), (SCHEDULER_CONFIG, scheduler),
                            (PIPELINE_INDEX, index)):
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
     return Path(folder)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError, is_integer, is_number
-from ..model import SamplingDefaults
+from ..model import SamplingDefaults, check_steps_offset
 from ..prediction import PREDICTIONS
 from ..samplers import VARIANCES
-from ..schedule import MAX_TIMESTEPS, ScheduleConfig
+from ..schedule import MAX_TIMESTEPS, ScheduleConfig, make_betas, zero_terminal_snr
 from ..unet import UNetConfig
 
 # What diffusers writes for the DDPM architecture. The writers' version only gates diffusers'
@@ -264,6 +264,13 @@ def _scheduler_setting(cfg: dict, key: str, default, allowed: tuple, where: str,
     return value
 
 
+def _flag(cfg: dict, key: str, default: bool, where: str) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def _unsupported_scheduler(where: str, what: str) -> UserError:
     return UserError(f"{where}: {what} is not supported by fastddpm")
 
@@ -271,7 +278,9 @@ def _unsupported_scheduler(where: str, what: str) -> UserError:
 def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfig, SamplingDefaults]:
     """Our schedule and sampling defaults from a scheduler_config.json dict. Missing fields take
     diffusers' defaults; no scheduler config at all gives the paper's (our defaults). Every key
-    is read: what describes the model (β, prediction type, variance, clipping) is kept; a
+    is read: what describes the model (β, prediction type, variance, clipping, DDIM's
+    set_alpha_to_one, the leading grid's steps_offset) is kept, a zero-terminal-SNR rescale as
+    the rescaled betas (float64); a
     sampling choice of diffusers' own loop (solver order, spacing, ...) is accepted and left to
     fastddpm's sampling options; anything fastddpm cannot run is refused in one line."""
     if cfg is None:
@@ -286,21 +295,24 @@ def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfi
         _scheduler_setting(cfg, key, False, (False, None), where, "flow-matching models")
     _scheduler_setting(cfg, "thresholding", False, (False,), where,
                        "dynamic thresholding takes a per-sample quantile of x̂0 in the loop")
-    _scheduler_setting(cfg, "rescale_betas_zero_snr", False, (False,), where,
-                       "ᾱ_T = 0 leaves x̂0 undefined at t = T for ε-prediction")
-    _scheduler_setting(cfg, "set_alpha_to_one", True, (True,), where, "fastddpm's last step goes to ᾱ = 1")
-    spacing = _scheduler_setting(cfg, "timestep_spacing", "leading", ("leading", "trailing", "linspace"),
-                                 where, "fastddpm spaces leading, trailing or linspace")
-    if spacing == "leading":  # diffusers adds the offset to leading timesteps only
-        _scheduler_setting(cfg, "steps_offset", 0, (0,), where, "leading timesteps start at 0 here")
+    rescale = _flag(cfg, "rescale_betas_zero_snr", False, where)
+    alpha_to_one = _flag(cfg, "set_alpha_to_one", True, where)
+    _scheduler_setting(cfg, "timestep_spacing", "leading", ("leading", "trailing", "linspace"),
+                       where, "fastddpm spaces leading, trailing or linspace")
+    # kept whatever the spacing: diffusers adds it to leading timesteps, and so do we
+    offset = cfg.get("steps_offset", 0)
+    try:
+        check_steps_offset(offset)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     prediction = cfg.get("prediction_type")
     if prediction is None:  # diffusers < 0.10 said predict_epsilon instead
         prediction = "epsilon" if cfg.get("predict_epsilon", True) else "sample"
     _scheduler_setting(cfg | {"prediction_type": prediction}, "prediction_type", "epsilon",
                        PREDICTIONS, where, f"fastddpm runs {', '.join(PREDICTIONS)}")
-    clip = cfg.get("clip_sample", cls != "DPMSolverMultistepScheduler")
-    if not isinstance(clip, bool):
-        raise _unsupported_scheduler(where, f"clip_sample={clip!r} (true or false)")
+    clip = _flag(cfg, "clip_sample", cls != "DPMSolverMultistepScheduler", where)
+    # a range r ≠ 1 would run as a table (x̂0's row over r, what weighs x̂0 times r), but the
+    # kernel's x̂0 output (progressive x̂0, the step graph's) would then be x̂0/r
     if clip:
         _scheduler_setting(cfg, "clip_sample_range", 1.0, (1.0,), where, "x̂0 clips to [−1, 1]")
     variance = cfg.get("variance_type") or "fixed_small"  # DDPMScheduler's default
@@ -338,16 +350,24 @@ def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfi
         schedule.validate()
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    return schedule, SamplingDefaults(variance, clip, prediction=prediction)
+    if rescale:  # kept as its rescaled betas (float64), a custom schedule
+        betas = zero_terminal_snr(make_betas(schedule.kind, steps, start, end, schedule.betas))
+        schedule = ScheduleConfig("custom", steps, start, end, betas.tolist())
+    return schedule, SamplingDefaults(variance, clip, prediction=prediction,
+                                      set_alpha_to_one=alpha_to_one, steps_offset=int(offset))
 
 
 def schedule_to_diffusers(schedule: ScheduleConfig, sampling: SamplingDefaults) -> dict:
-    """A DDPMScheduler scheduler_config.json dict for our schedule and sampling defaults."""
+    """A scheduler_config.json dict for our schedule and sampling defaults: a DDPMScheduler, or
+    a DDIMScheduler where set_alpha_to_one is False (only DDIM has that key, and no
+    variance_type: read back, it means fixed_small, so another variance is refused). A
+    zero-terminal-SNR schedule (β_T = 1) is written as its betas with rescale_betas_zero_snr,
+    which leaves them as they are and gives diffusers' multistep schedulers their ᾱ_T = 2^-24."""
     names = {ours: theirs for theirs, ours in BETA_SCHEDULES.items()}
     if schedule.kind not in names and schedule.kind != "custom":
         raise AssertionError(f"no diffusers name for schedule {schedule.kind!r}")
     custom = schedule.kind == "custom"
-    return {
+    out = {
         "_class_name": "DDPMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": schedule.num_timesteps,
@@ -361,6 +381,14 @@ def schedule_to_diffusers(schedule: ScheduleConfig, sampling: SamplingDefaults) 
         "prediction_type": sampling.prediction,
         "thresholding": False,
         "timestep_spacing": "leading",
-        "steps_offset": 0,
-        "rescale_betas_zero_snr": False,
+        "steps_offset": sampling.steps_offset,
+        "rescale_betas_zero_snr": custom and schedule.betas[-1] == 1.0,
     }
+    if sampling.set_alpha_to_one:
+        return out
+    if sampling.variance != "fixed_small":
+        raise UserError(f"set_alpha_to_one=False is a DDIMScheduler setting and DDIMScheduler has "
+                        f"no variance_type: this model's {sampling.variance} variance cannot be "
+                        "written beside it")
+    del out["variance_type"]
+    return out | {"_class_name": "DDIMScheduler", "set_alpha_to_one": False}
