@@ -82,8 +82,10 @@ def metadata(model: DiffusionModel, graph: str, options: OnnxOptions, opset: int
     props = {}
     if table is not None:
         sampling = options.sampling
-        info["sampler"] = {"name": table.name, "steps": sampling.steps, "eta": sampling.eta,
-                           "spacing": sampling.spacing, "clip": table.clip,
+        steps, grid = model.plan(sampling)  # what the defaults resolve to on this model
+        spacing = sampling.spacing or (grid if isinstance(grid, str) else "tuned")
+        info["sampler"] = {"name": table.name, "steps": steps, "eta": sampling.eta,
+                           "spacing": spacing, "clip": table.clip,
                            "num_steps": table.num_steps, "history": table.history,
                            "history_kind": table.history_kind, "timesteps": table.timesteps.tolist()}
         props = {f"{METADATA_KEY}.num_steps": str(table.num_steps),

@@ -1,5 +1,7 @@
 """ONNX export: the ε and step graphs against PyTorch, the sampler loop over the step graph, the
 onnxruntime backend, and every bad input ending in one line with nothing written."""
+import json
+
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -11,7 +13,14 @@ from tiny import TINY_WIDE, tiny_model
 from fastddpm import checkpoint, kernels
 from fastddpm.cli import build_parser, main
 from fastddpm.errors import UserError
-from fastddpm.export.onnx import OnnxOptions, export_onnx, read_metadata, write_validated
+from fastddpm.export.onnx import (
+    METADATA_KEY,
+    OnnxOptions,
+    export_onnx,
+    metadata,
+    read_metadata,
+    write_validated,
+)
 from fastddpm.export.runners import OrtRunner
 from fastddpm.export.step_loop import sample_with_step_graph
 from fastddpm.model import DiffusionModel
@@ -92,6 +101,17 @@ def test_metadata_carries_model_and_schedule(model, eps_onnx):
     assert UNetConfig.from_dict(meta["unet"]) == TINY_WIDE
     assert meta["schedule"]["num_timesteps"] == 50 and meta["graph"] == "eps"
     assert meta["batch"] == "dynamic" and meta["opset"] == 21
+
+
+def test_step_metadata_names_the_resolved_steps_and_grid(model):
+    """Left to the defaults, the step graph's metadata says what they resolved to on the model:
+    the fast step count on its tuned grid ('tuned'), else the safe count on the fallback grid."""
+    tuned = DiffusionModel(model.unet, model.schedule, model.sampling.with_grid("unipc", 4, (49, 30, 12, 3)))
+    for m, steps, spacing in ((tuned, 4, "tuned"), (model, 10, "trailing")):
+        options = OnnxOptions(what="step", sampling=SamplingOptions(sampler="unipc"))
+        info = json.loads(metadata(m, "step", options, 21, m.table(options.sampling))[METADATA_KEY])
+        assert (info["sampler"]["steps"], info["sampler"]["spacing"]) == (steps, spacing)
+    assert info["sampler"]["timesteps"] == model.table(sampler="unipc").timesteps.tolist()
 
 
 def test_ddim_step_graph_runs_the_sampler(model, ddim_step_onnx):
