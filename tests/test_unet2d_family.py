@@ -167,17 +167,21 @@ def test_backends_and_onnx_graphs_run_the_family(tmp_path, monkeypatch):
     assert step["unet"] == model.config.to_dict()
 
 
-@pytest.mark.slow  # an ONNX export each
+@pytest.mark.slow  # an ONNX export and an OpenVINO conversion each
 @pytest.mark.parametrize("name", RESNET_RESAMPLING)
-def test_resnet_resampling_exports_to_onnx(name, tmp_path):
-    """The resampling ResBlocks (average pooling, nearest upsampling after norm1) in the ε graph:
-    ONNX Runtime gives PyTorch's output, at batches other than the traced one."""
+def test_resnet_resampling_exports_and_runs_on_openvino(name, tmp_path, monkeypatch):
+    """The resampling ResBlocks (average pooling, nearest upsampling after norm1) in the ε graph,
+    and in OpenVINO's conversion of the torch module (its own path, not the ONNX one): both give
+    PyTorch's output, at batches other than the traced one."""
+    from fastddpm.backends import make_denoiser
     from fastddpm.export.onnx import OnnxOptions, export_onnx
     from fastddpm.export.runners import OrtRunner
 
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path / "cache"))
     perturbed_unet({**BASE, **FAMILY[name]}, seed=7).save_pretrained(tmp_path / "m")
     model = fastddpm.load(tmp_path / "m")
     runner = OrtRunner(export_onnx(model, tmp_path / "eps.onnx", OnnxOptions(), log=None)["eps"])
+    openvino = make_denoiser(model, "openvino", torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(8)
     for batch in (1, 3):
         x = torch.randn(batch, 3, 16, 16, generator=gen)
@@ -186,3 +190,4 @@ def test_resnet_resampling_exports_to_onnx(name, tmp_path):
             want = model.unet(x, t)
         assert want.abs().max() > 0.1
         assert (runner(x=x, t=t)["eps"] - want).abs().max().item() <= 1e-4
+        assert (openvino(x, t) - want).abs().max().item() <= 1e-4
