@@ -2,7 +2,8 @@
 
 The judge of `fastddpm eval` (fastddpm.judge) is trained once; then, for each cell (sampler,
 steps, time grid), `num` samples of one seed are drawn and measured. Every sampler here takes one
-ε evaluation per step, so steps = NFE. Cells are `sampler:steps:spacing` (`--cases`), or the
+ε evaluation per step, so steps = NFE; ε comes from one engine per file (`--backend`,
+`--dtype`; default: torch fp32, the reference). Cells are `sampler:steps:spacing` (`--cases`), or the
 product of `--samplers`, `--spacings` and `--nfe`; a `tuned` cell for which the model has no
 grid is skipped and listed. Writes STEM.json (every cell, added to as cells finish, so a run
 can be resumed), STEM.md (one row per sampler and grid, one column per NFE) and, with --plot,
@@ -37,11 +38,22 @@ def cells(args: argparse.Namespace) -> list[tuple[str, int, str]]:
             for n in map(int, args.nfe.split(","))]
 
 
+def paper_score(rows: list[dict]) -> float | None:
+    """DDPM-1000's Fréchet ratio where the run measured it: the bar the few-step cells are held
+    against (it gets no NFE column of its own)."""
+    paper = [r["frechet_ratio"] for r in rows if r["sampler"] == "ddpm" and r["steps"] >= 1000]
+    return paper[0] if paper else None
+
+
 def table(rows: list[dict], meta: dict) -> str:
     """One row per (sampler, grid), one column per NFE, the Fréchet ratio in each cell."""
-    nfes = sorted({r["steps"] for r in rows})
-    lines = [f"Fréchet ratio (lower is better; DDPM-1000: 1.31), {meta['num']} samples per cell, "
-             f"seed {meta['seed']}, {meta['machine']}, torch {meta['torch']}, {meta['date']}.", "",
+    paper = paper_score(rows)
+    bar = f"; DDPM-1000: {paper:.2f}" if paper is not None else ""
+    nfes = sorted({r["steps"] for r in rows if r["steps"] < 1000})
+    engine = f"{meta.get('backend', 'torch')} {meta.get('dtype', 'fp32')}"
+    lines = [f"Model {meta['model']}, ε by {engine}; Fréchet ratio (lower is better{bar}), "
+             f"{meta['num']} samples per cell, seed {meta['seed']}, {meta['machine']}, "
+             f"torch {meta['torch']}, {meta['date']}.", "",
              "| sampler | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
              "|---|---|" + "---:|" * len(nfes)]
     # samplers in the registry's order, each one's grids in SPACINGS' order (tuned last)
@@ -64,18 +76,21 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     colours = plt.get_cmap("tab10")
-    for sampler, spacing in dict.fromkeys((r["sampler"], r["spacing"]) for r in rows):
+    styles = {"tuned": "-", "trailing": ":", "logsnr": "--"}  # the other grids: the table only
+    for sampler, spacing in dict.fromkeys((r["sampler"], r["spacing"]) for r in rows
+                                          if r["spacing"] in styles):
         pts = sorted((r["steps"], r["frechet_ratio"]) for r in rows
-                     if (r["sampler"], r["spacing"]) == (sampler, spacing))
-        style = {"tuned": "-", "trailing": ":", "logsnr": "--"}.get(spacing, "-.")
+                     if (r["sampler"], r["spacing"]) == (sampler, spacing) and r["steps"] < 1000)
+        style = styles[spacing]
         ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, lw=1.5,
                 color=colours(samplers.index(sampler) % 10), label=f"{sampler} ({spacing})")
-    ax.axhline(1.31, color="black", lw=0.8, label="DDPM, 1000 steps")
+    if paper_score(rows) is not None:
+        ax.axhline(paper_score(rows), color="black", lw=0.8, label="DDPM, 1000 steps")
     ax.set_xlabel("ε evaluations (NFE)")
     ax.set_ylabel("Fréchet ratio (lower is better)")
     ax.set_ylim(1.0, 2.0)  # the few cells above 2 are in the table
-    ax.set_title("colour: sampler; line: grid (solid tuned, dotted trailing, dashed logsnr, "
-                 "dash-dot leading)", fontsize=8)
+    ax.set_title("colour: sampler; line: grid (solid tuned, dotted trailing, dashed logsnr; "
+                 "the other grids are in the table)", fontsize=8)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -87,6 +102,8 @@ def main() -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="torch", help="the ε engine (default: torch, the reference)")
+    p.add_argument("--dtype", default="fp32", help="the ε engine's dtype (default: fp32)")
     p.add_argument("--cases", default=None, help="sampler:steps:spacing,... (instead of the product)")
     p.add_argument("--samplers", default="ddim,dpm++")
     p.add_argument("--spacings", default="trailing,logsnr,tuned")
@@ -98,10 +115,15 @@ def main() -> None:
     judge = DigitClassifier(model.config.image_size)
     out = Path(args.out)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    engine = (old.get("backend", "torch"), old.get("dtype", "fp32"))  # older files: torch fp32
+    if old and engine != (args.backend, args.dtype):
+        raise SystemExit(f"{out}.json holds cells of {' '.join(engine)}; one file, one engine "
+                         "(another --out)")
     # rows written before the grid was a column were all 'leading', then the only default
     rows = [{"spacing": "leading", **r} for r in old.get("results", [])]
     skipped = []
-    meta = {"model": args.model, "num": args.num, "seed": args.seed, "torch": torch.__version__,
+    meta = {"model": args.model, "num": args.num, "seed": args.seed, "backend": args.backend,
+            "dtype": args.dtype, "torch": torch.__version__,
             "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} threads",
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
     for sampler, steps, spacing in cells(args):
@@ -113,7 +135,7 @@ def main() -> None:
             continue
         start = time.perf_counter()
         x = sample(model, num=args.num, steps=steps, sampler=sampler, spacing=spacing, seed=args.seed,
-                   device="cpu", backend="torch", batch_size=500)
+                   device="cpu", backend=args.backend, dtype=args.dtype, batch_size=500)
         seconds = time.perf_counter() - start
         rows.append({"sampler": sampler, "steps": steps, "spacing": spacing,
                      "sampling_seconds": round(seconds, 1), **digit_metrics(x, judge, args.seed)})
