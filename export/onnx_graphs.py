@@ -12,7 +12,8 @@ The step graph carries the sampler table (timesteps and coefficients) as constan
 needs only `for step in range(S): x, x0 = run(x, step, noise_step)`; t = timesteps[step] and the
 update of `kernels.reverse_step_reference` happen inside. A multistep sampler (K = its
 `table.history` > 0) also reads the x̂0 ring of the runtime's kernel: the x0 of step s in slot
-s mod K, zero before the first step — the host writes each step's x0 output into slot step mod K.
+s mod K, zero before the first step — the host writes each step's x0 output into slot step mod K
+(x̂0 itself, also where the table clips to [−r, r]: the graph scales by the table's x0_scale).
 A table with an ε history (iPNDM; metadata `history_kind` "eps") reads `eps_history` instead, a
 ring of the model's ε, and returns that ε as a third output, which the host keeps the same way.
 No If/Loop/Scan: the ORT CUDA EP and TensorRT can graph-capture it. GroupNorm becomes ONNX
@@ -58,6 +59,9 @@ class StepGraph(nn.Module):
         self.register_buffer("coef", table.coef.to(torch.float32))
         self.clip = table.clip
         self.learned_variance = table.learned_variance
+        # the kernel's x̂0 is x̂0/x0_scale (samplers.with_clip_range): the x0 output is x̂0 itself,
+        # and an x̂0 ring the host fills from it is scaled back before the step reads it
+        self.x0_scale = table.x0_scale
 
     def forward(self, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor,
                 x0_history: torch.Tensor | None = None, eps_history: torch.Tensor | None = None
@@ -66,9 +70,13 @@ class StepGraph(nn.Module):
         eps, w = split_output(self.unet(x, t), x.shape[1], self.learned_variance)
         row = self.coef.index_select(0, step).squeeze(0)
         ring = x0_history if eps_history is None else eps_history
+        if x0_history is not None and self.x0_scale != 1.0:
+            ring = ring / self.x0_scale
         past = ring_history(ring, step) if ring is not None else None
         x_prev, x0 = kernels.reverse_step_reference(x, eps, row, noise, past, self.clip, w,
                                                     eps_history=eps_history is not None)
+        if self.x0_scale != 1.0:
+            x0 = x0 * self.x0_scale
         return (x_prev, x0) if eps_history is None else (x_prev, x0, eps)
 
 

@@ -52,7 +52,7 @@ def compare(run, unet: UNet, graph: str, dtype: str, batch: int | None,
         return (*graph_error(got, want), tol)
     reference = StepGraph(unet, table).eval()
     worst = (0.0, 0.0, tol)
-    c_e = table.coef[:, COEF_FIELDS.index("c_e")]
+    c_e = table.coef[:, COEF_FIELDS.index("c_e")] * table.x0_scale  # ε's weight in the x0 output
     for step in sorted({0, table.num_steps // 2, table.num_steps - 1}):  # noisiest, middle, last
         inputs = example_inputs("step", shape, _batch(batch), DTYPES[dtype], table.num_steps,
                                 table.history, generator=gen, history_kind=table.history_kind)

@@ -5,12 +5,12 @@
     L_{t−1} = KL(q(x_{t−1} | x_t, x0) ‖ p_θ(x_{t−1} | x_t))   two Gaussians, closed form
     L_0     = −log p_θ(x0 | x1)                              the discrete decoder (eq. 13)
 
-p_θ(x_{t−1} | x_t) = N(μ̃_t(x_t, x̂0), σ_t² I) with x̂0 from the model's ε (clipped to [−1, 1]
-when the model's sampling clips, as the original evaluation does) and σ_t² = β_t (fixed_large) or
-β̃_t (fixed_small); at t = 1 both use β̃_2, the original code's clipped log-variance. A learned
-variance (improved DDPM's L_vlb) gives σ² per element from the network's variance channels
-(fastddpm/variance.py), between β_t and that clipped β̃_t for "learned_range", as improved
-DDPM's code does; its KL terms and decoder then use that σ². The decoder
+p_θ(x_{t−1} | x_t) = N(μ̃_t(x_t, x̂0), σ_t² I) with x̂0 from the model's ε (clipped to [−r, r]
+when the model's sampling clips, r its clip_range: 1 in the original evaluation) and σ_t² = β_t
+(fixed_large) or β̃_t (fixed_small); at t = 1 both use β̃_2, the original code's clipped
+log-variance. A learned variance (improved DDPM's L_vlb) gives σ² per element from the network's
+variance channels (fastddpm/variance.py), between β_t and that clipped β̃_t for "learned_range",
+as improved DDPM's code does; its KL terms and decoder then use that σ². The decoder
 puts the mass of N(μ̃_1, σ_1²) on the 256 levels of 8-bit data (bins of width 2/255 in [−1, 1],
 the outer two stretched to ±∞), so images are first rounded to those levels. Each L_{t−1} is
 estimated with one x_t ~ q(x_t | x0) per image and t, its ε drawn from the counter-based noise
@@ -90,20 +90,21 @@ def prior_bits(schedule: Schedule, x0: torch.Tensor) -> torch.Tensor:
     return _per_dim_bits(normal_kl(mean, logvar, torch.zeros_like(x0), torch.zeros_like(x0)))
 
 
-def bound_terms(denoise: EpsilonDenoiser, schedule: Schedule, variance: str, clip: bool,
+def bound_terms(denoise: EpsilonDenoiser, schedule: Schedule, variance: str, clip: float | None,
                 x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One term of the bound per row, in bits/dim, for array timestep t (the paper's t + 1): the
     decoder L_0 where t = 0, else L_t, the KL term of the paper's step t + 1 → t.
     denoise(x_t, t) → (ε, w of a learned variance or None) (prediction.epsilon_denoiser);
-    x0 (B, C, H, W) on the 8-bit grid, t (B,) int64, noise (B, C, H, W)."""
+    x0 (B, C, H, W) on the 8-bit grid, t (B,) int64, noise (B, C, H, W); clip: the r that x̂0 is
+    clipped to [−r, r] by, None for no clipping."""
     x0 = x0.double()
     x_t = schedule.q_sample(x0, t, noise.double())
     eps, w = denoise(x_t.float(), t)
     n = x0.ndim
     x0_hat = _rows(schedule.sqrt_recip_alphas_cumprod, t, n) * x_t \
         - _rows(schedule.sqrt_recipm1_alphas_cumprod, t, n) * eps
-    if clip:
-        x0_hat = x0_hat.clamp(-1, 1)
+    if clip is not None:
+        x0_hat = x0_hat.clamp(-clip, clip)
     coef1, coef2 = _rows(schedule.posterior_mean_coef1, t, n), _rows(schedule.posterior_mean_coef2, t, n)
     model_mean = coef1 * x0_hat + coef2 * x_t
     posterior_logvar = _rows(schedule.posterior_log_variance_clipped, t, n)
@@ -176,6 +177,7 @@ def bits_per_dim(model: DiffusionModel, images: torch.Tensor, seed: int = 0,
     variance = model.sampling.variance
     denoise = epsilon_denoiser(make_denoiser(model, "torch", dev, torch.float32), schedule.alphas_cumprod,
                                model.sampling.prediction, variance if variance in LEARNED else None)
+    clip = model.sampling.clip_range if model.sampling.clip else None
     x0 = quantize(images.to(dev, torch.float64))
     terms = torch.empty(len(x0) * num_t, dtype=torch.float64, device=dev)
     bar = None
@@ -187,8 +189,7 @@ def bits_per_dim(model: DiffusionModel, images: torch.Tensor, seed: int = 0,
         row = torch.arange(start, min(start + batch_size, len(terms)), device=dev)
         image, t = row // num_t, row % num_t
         noise = gaussian(seed, image, t.view(-1, 1), tuple(x0.shape[1:]), FORWARD_STREAM)
-        terms[row] = bound_terms(denoise, schedule, model.sampling.variance, model.sampling.clip,
-                                 x0[image], t, noise)
+        terms[row] = bound_terms(denoise, schedule, model.sampling.variance, clip, x0[image], t, noise)
         if bar is not None:
             bar.update(len(row))
     if bar is not None:

@@ -5,10 +5,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import UserError, is_integer
+from .errors import UserError, is_integer, is_number
 from .options import FALLBACK_SPACING, FAST_STEPS, SAFE_STEPS, SamplingOptions
 from .prediction import check_prediction, for_prediction
-from .samplers import SAMPLERS, VARIANCES, SamplerTable, make_table, timestep_sequence
+from .samplers import SAMPLERS, VARIANCES, SamplerTable, make_table, timestep_sequence, with_clip_range
 from .schedule import Schedule, ScheduleConfig
 from .unet import UNet, UNetConfig
 from .variance import check_channels
@@ -21,7 +21,7 @@ class SamplingDefaults:
     # σ² = β ("fixed_large", CIFAR-10) or β̃ ("fixed_small", 256²), or the network's own
     # ("learned", "learned_range": out_channels = 2 × in_channels, fastddpm/variance.py)
     variance: str = "fixed_large"
-    clip: bool = True  # clip x̂0 to [−1, 1]
+    clip: bool = True  # clip x̂0 to [−clip_range, clip_range]
     prediction: str = "epsilon"  # what the network predicts: epsilon | sample | v_prediction
     # False: DDIM's last step goes to ᾱ_0 instead of 1 (diffusers' DDIMScheduler setting; the
     # other samplers end at ᾱ = 1, as diffusers' other schedulers, which lack the key, do)
@@ -30,6 +30,7 @@ class SamplingDefaults:
     # time grids tuned for this model (`fastddpm tune-steps`, `--spacing tuned`), one per
     # (sampler, steps), sorted: ((sampler, steps, timesteps), ...)
     grids: tuple[tuple[str, int, Grid], ...] = ()
+    clip_range: float = 1.0  # diffusers' clip_sample_range (samplers.with_clip_range)
 
     def to_dict(self) -> dict:
         d = {"variance": self.variance, "clip": self.clip}
@@ -39,13 +40,16 @@ class SamplingDefaults:
             d["set_alpha_to_one"] = False
         if self.steps_offset:
             d["steps_offset"] = self.steps_offset
+        if self.clip_range != 1.0:
+            d["clip_range"] = self.clip_range
         if self.grids:  # absent when empty: files without grids read as before
             d["grids"] = [{"sampler": s, "steps": n, "timesteps": list(ts)} for s, n, ts in self.grids]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SamplingDefaults:
-        unknown = set(d) - {"variance", "clip", "prediction", "set_alpha_to_one", "steps_offset", "grids"}
+        unknown = set(d) - {"variance", "clip", "prediction", "set_alpha_to_one", "steps_offset", "grids",
+                         "clip_range"}
         if unknown:
             raise UserError(f"unknown sampling field(s) {sorted(unknown)}")
         out = cls(**{**d, "grids": _grids_from_list(d.get("grids", []))})
@@ -55,6 +59,7 @@ class SamplingDefaults:
         if not isinstance(out.set_alpha_to_one, bool):
             raise UserError(f"sampling set_alpha_to_one must be true or false, got {out.set_alpha_to_one!r}")
         check_steps_offset(out.steps_offset)
+        check_clip_range(out.clip_range)
         return out
 
     def grid(self, sampler: str, steps: int) -> Grid | None:
@@ -71,6 +76,11 @@ class SamplingDefaults:
 def check_steps_offset(offset) -> None:
     if not is_integer(offset) or offset < 0:
         raise UserError(f"steps_offset must be an integer ≥ 0, got {offset!r}")
+
+
+def check_clip_range(r, name: str = "clip_range") -> None:
+    if not is_number(r) or r <= 0:  # is_number: finite, not a bool
+        raise UserError(f"{name} must be a finite number > 0, got {r!r}")
 
 
 def _grids_from_list(items) -> tuple[tuple[str, int, Grid], ...]:
@@ -138,7 +148,8 @@ class DiffusionModel:
         clip = self.sampling.clip if options.clip is None else options.clip
         steps, grid = self.plan(options)
         table = make_table(self.schedule, options.sampler, steps, grid, clip=clip, start=start, **extra)
-        return for_prediction(table, self.sampling.prediction)
+        table = for_prediction(table, self.sampling.prediction)
+        return with_clip_range(table, self.sampling.clip_range) if clip else table
 
     def plan(self, options: SamplingOptions) -> tuple[int, str | Grid]:
         """The step count and time grid `options` mean on this model.

@@ -122,7 +122,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, execution: bool = True) -
                         "`fastddpm tune-steps` (default: tuned where the model has that grid, "
                         f"else {FALLBACK_SPACING})")
     g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=d.clip,
-                   help="clip the predicted x0 to [-1, 1] (default: the model's setting)")
+                   help="clip the predicted x0 to [-r, r], r the model's clip range, 1 unless "
+                        "it says otherwise (default: the model's setting)")
     if not execution:
         return
     g.add_argument("--device", default=d.device, help="cpu or cuda[:N] (default: cuda if present)")

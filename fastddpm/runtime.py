@@ -148,8 +148,9 @@ class Sampler:
             run_step = lambda: self._step(buf)  # noqa: E731
         for i in range(self.table.num_steps):
             run_step()
-            if on_step is not None:
-                on_step(i, buf.x0_of(i))
+            if on_step is not None:  # the kernel's x̂0 is x̂0/x0_scale (samplers.with_clip_range)
+                x0, scale = buf.x0_of(i), self.table.x0_scale
+                on_step(i, x0 if scale == 1.0 else x0 * scale)
             if on_progress is not None:
                 on_progress(i)
         return buf.x.clone()

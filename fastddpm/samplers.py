@@ -22,11 +22,15 @@ of earlier steps, mixed into ε before x̂0 is formed —
     x_prev = a · x̂0 + b · x_t + c · ε' + σ · z
 
 so a multistep combination Σ w_k ε_{i−k} is the row c_e·w_0, d_k = w_k/w_0 (w_0 ≠ 0).
+
+Clipping to [−r, r] instead (diffusers' clip_sample_range) is the same form over x̂0/r
+(`with_clip_range`): the kernel's x̂0 output and an x̂0 ring then hold x̂0/r, and the table's
+`x0_scale` = r is what turns them back into x̂0.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -54,10 +58,12 @@ class SamplerTable:
     # in the multistep solvers' tables (`_multistep_table`)
     alphas_cumprod: torch.Tensor
     coef: torch.Tensor  # float64 (S, len(COEF_FIELDS)): columns COEF_FIELDS
-    clip: bool  # clip x̂0 to [−1, 1]
+    clip: bool  # clip the kernel's x̂0 (x̂0/x0_scale) to [−1, 1]
     history_kind: str = "x0"  # x0 | eps: what d1..d3 weigh, and what the history ring keeps
     # the learned variance (variance.LEARNED) whose channels a step reads; None: σ is the row's
     learned_variance: str | None = None
+    # the kernel's x̂0 output (the x̂0 ring, progressive x̂0) is x̂0/x0_scale (`with_clip_range`)
+    x0_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.history_kind not in HISTORY_KINDS:
@@ -73,6 +79,21 @@ class SamplerTable:
         first = COEF_FIELDS.index("d1")
         used = (self.coef[:, first:first + HISTORY] != 0).any(dim=0).nonzero()
         return int(used.max()) + 1 if len(used) else 0
+
+
+def with_clip_range(table: SamplerTable, r: float) -> SamplerTable:
+    """`table` clipping x̂0 to [−r, r] instead of [−1, 1], with the kernel unchanged: x̂0's row
+    (c_x, c_e) over r makes it form x̂0/r, clipped to [−1, 1], i.e. x̂0 clipped to [−r, r] over r;
+    what weighs that x̂0 — a, and d_k of an x̂0 ring, which then holds x̂0/r too — times r gives
+    the same x_prev. An ε ring (history_kind "eps") holds the model's ε, its d_k stay; b, c and
+    σ weigh x_t and ε. Consumers of the kernel's x̂0 multiply it by `x0_scale` = r."""
+    if r == 1.0:
+        return table
+    coef = table.coef.clone()
+    scaled = ["a", *([f"d{k}" for k in range(1, HISTORY + 1)] if table.history_kind == "x0" else [])]
+    coef[:, [COEF_FIELDS.index("c_x"), COEF_FIELDS.index("c_e")]] /= r
+    coef[:, [COEF_FIELDS.index(name) for name in scaled]] *= r
+    return replace(table, coef=coef, x0_scale=table.x0_scale * r)
 
 
 def timestep_sequence(schedule: Schedule, steps: int | None, spacing: str | Sequence[int] = "leading",

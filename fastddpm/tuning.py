@@ -164,7 +164,7 @@ def _reference(model: DiffusionModel, options: SamplingOptions, steps: int, cali
             xs.append(x.double().flatten(1).cpu())
             eps, _ = runner.predict(x.to(runner.dtype), torch.full((n,), t, device=runner.device))
             x, x0 = reverse_step_reference(x, eps.float(), table.coef[i], clip=table.clip)
-            hats.append(x0.double().flatten(1).cpu())
+            hats.append(x0.double().flatten(1).cpu() * table.x0_scale)  # x̂0, not x̂0/r
         xs.append(x.double().flatten(1).cpu())
         states.append(torch.stack(xs))
         x0s.append(torch.stack(hats))

@@ -22,9 +22,10 @@ def chain_noise(seed: int, batch: int, steps: int, shape: tuple[int, ...]
 
 
 def our_chain(model: DiffusionModel, table: SamplerTable, x_T: torch.Tensor,
-              noise: list[torch.Tensor]) -> torch.Tensor:
+              noise: list[torch.Tensor], x0s: list | None = None) -> torch.Tensor:
     """`table`'s chain from x_T, with its history ring (the x̂0's, or raw ε's, of the last
-    `table.history` steps, newest first) kept as the runtime keeps it."""
+    `table.history` steps, newest first) kept as the runtime keeps it; each step's x̂0 as the
+    kernel returns it (x̂0/table.x0_scale) appended to `x0s` if given."""
     net = copy.deepcopy(model.unet).double()
     x, history, eps_history = x_T, [], table.history_kind == "eps"
     with torch.no_grad():
@@ -34,6 +35,8 @@ def our_chain(model: DiffusionModel, table: SamplerTable, x_T: torch.Tensor,
             x, x0 = reverse_step_reference(x, prediction, table.coef[i], noise[i], history,
                                            clip=table.clip, variance=w, eps_history=eps_history)
             history = [prediction if eps_history else x0, *history][:table.history]
+            if x0s is not None:
+                x0s.append(x0)
     return x
 
 

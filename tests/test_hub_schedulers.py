@@ -1,5 +1,5 @@
 """The Hub's scheduler settings (issue 15): DDIM's set_alpha_to_one=False, zero terminal SNR
-(rescale_betas_zero_snr) and the leading grid's steps_offset, each against diffusers' own
+(rescale_betas_zero_snr), the leading grid's steps_offset and clip_sample_range, each against diffusers' own
 scheduler loop on a random-weight UNet2DModel — float64 on both sides, one x_T and one noise
 (handed to diffusers for its randn_tensor), ≤ 1e-4 at the end of the chain — then what is
 refused, and the round trips through a diffusers folder and a model file."""
@@ -45,13 +45,15 @@ def _folder(tmp_path, scheduler) -> tuple[UNet2DModel, fastddpm.DiffusionModel]:
     return unet, fastddpm.load(tmp_path)
 
 
-def _chains(model, unet, table, scheduler, monkeypatch, module=None, last_noise=True, **step_options):
+def _chains(model, unet, table, scheduler, monkeypatch, module=None, last_noise=True, x0s=None,
+            **step_options):
     """Ours and diffusers' chain from one x_T; `module`'s randn_tensor handed our noise, none
     after the last step unless `last_noise` (diffusers' DDPM adds some where that step's t > 0;
-    Algorithm 2 and our tables never do, so it is zeroed there, as test_samplers does)."""
+    Algorithm 2 and our tables never do, so it is zeroed there, as test_samplers does); our
+    kernel's x̂0 of each step into `x0s` if given (diffusers_chains.our_chain)."""
     use_our_timestep_embedding(monkeypatch)
     x_T, noise = chain_noise(SEED, BATCH, table.num_steps, (3, 8, 8))
-    ours = our_chain(model, table, x_T, noise)
+    ours = our_chain(model, table, x_T, noise, x0s)
     queue = list(noise) if last_noise else [*noise[:-1], torch.zeros_like(noise[-1])]
     if module is not None:
         monkeypatch.setattr(module, "randn_tensor", lambda *a, dtype=None, **k: queue.pop(0).to(dtype))
@@ -187,6 +189,31 @@ def test_steps_offset_shifts_only_the_leading_grid(tmp_path):
               "steps_offset=3 needs a leading grid whose stride .* 334 steps of 1000 have stride 2")
 
 
+# ---- clip_sample_range: x̂0 clipped to [−r, r] ---------------------------------------------
+
+# a range below 1 and one above, where x̂0 passes it: this network's x0 prediction stays
+# within ±1.4, the x̂0 of its v and ε predictions reach ±2.9 and ±187
+@pytest.mark.parametrize("prediction,r", [("epsilon", 0.5), ("epsilon", 2.5), ("v_prediction", 0.5),
+                                          ("v_prediction", 2.5), ("sample", 0.5), ("sample", 1.25)])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_clip_sample_range_matches_diffusers(sampler, r, prediction, tmp_path, monkeypatch):
+    kind = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    unet, model = _folder(tmp_path, kind(clip_sample=True, clip_sample_range=r, prediction_type=prediction))
+    assert model.sampling.clip and model.sampling.clip_range == r
+    table = model.table(sampler=sampler, steps=STEPS, spacing="leading")
+    assert table.x0_scale == r
+    scheduler = _diffusers_loop(kind.from_pretrained(tmp_path), model)
+    assert scheduler.timesteps.tolist() == table.timesteps.tolist()
+    module = scheduling_ddpm if sampler == "ddpm" else None
+    # our DDIM's direction is the clipped x̂0's (ddim_table): diffusers' use_clipped_model_output
+    options = {"use_clipped_model_output": True} if sampler == "ddim" else {}
+    x0s = []
+    ours, theirs = _chains(model, unet, table, scheduler, monkeypatch, module, x0s=x0s, **options)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    # the range mattered: some x̂0 went past ±r (the kernel's x̂0/r clipped at ±1)
+    assert any(bool((x0.abs() == 1.0).any()) for x0 in x0s)
+
+
 # ---- round trips and what a diffusers folder cannot hold --------------------------------------
 
 @pytest.mark.parametrize("scheduler,written", [
@@ -196,6 +223,8 @@ def test_steps_offset_shifts_only_the_leading_grid(tmp_path):
                    beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=0.012), "DDPMScheduler"),
     (DDIMScheduler(rescale_betas_zero_snr=True, set_alpha_to_one=False, steps_offset=1,
                    prediction_type="sample"), "DDIMScheduler"),
+    (DDPMScheduler(clip_sample_range=2.5, prediction_type="v_prediction"), "DDPMScheduler"),
+    (DDIMScheduler(clip_sample_range=0.5, set_alpha_to_one=False, **BETAS), "DDIMScheduler"),
 ])
 def test_to_diffusers_and_back_keeps_the_tables(scheduler, written, tmp_path):
     _, model = _folder(tmp_path / "in", scheduler)
@@ -211,7 +240,8 @@ def test_to_diffusers_and_back_keeps_the_tables(scheduler, written, tmp_path):
         assert torch.equal(ours.timesteps, theirs.timesteps) and torch.equal(ours.coef, theirs.coef)
     # and diffusers reads the same settings from it
     theirs = type(scheduler).from_pretrained(tmp_path / "out")
-    for key in ("set_alpha_to_one", "steps_offset", "rescale_betas_zero_snr", "prediction_type"):
+    for key in ("set_alpha_to_one", "steps_offset", "rescale_betas_zero_snr", "prediction_type",
+                "clip_sample", "clip_sample_range"):
         if key in scheduler.config:
             assert theirs.config[key] == scheduler.config[key], key
     torch.testing.assert_close(theirs.alphas_cumprod, scheduler.alphas_cumprod, rtol=1e-6, atol=1e-7)
@@ -228,7 +258,9 @@ def test_set_alpha_to_one_beside_another_variance_is_refused_in_one_line(tmp_pat
 
 def test_model_files_keep_the_settings(tmp_path):
     _, model = _folder(tmp_path / "in", DDIMScheduler(rescale_betas_zero_snr=True, set_alpha_to_one=False,
-                                                      steps_offset=1, prediction_type="v_prediction"))
+                                                      steps_offset=1, prediction_type="v_prediction",
+                                                      clip_sample_range=2.5))
+    assert model.sampling.clip_range == 2.5
     for name in ("m.pt", "m.safetensors"):
         checkpoint.save(model, tmp_path / name)
         back = fastddpm.load(tmp_path / name)
@@ -237,6 +269,9 @@ def test_model_files_keep_the_settings(tmp_path):
     assert set(SamplingDefaults().to_dict()) == {"variance", "clip"}
     assert SamplingDefaults.from_dict({"variance": "fixed_large", "clip": True}) == SamplingDefaults()
     for bad, message in (({"steps_offset": -2}, "steps_offset must be an integer ≥ 0"),
-                         ({"set_alpha_to_one": 0}, "set_alpha_to_one must be true or false")):
+                         ({"set_alpha_to_one": 0}, "set_alpha_to_one must be true or false"),
+                         ({"clip_range": 0.0}, "clip_range must be a finite number > 0, got 0.0"),
+                         ({"clip_range": float("inf")}, "clip_range must be a finite number > 0, got inf"),
+                         ({"clip_range": True}, "clip_range must be a finite number > 0, got True")):
         _one_line(lambda b=bad: SamplingDefaults.from_dict({"variance": "fixed_large", "clip": True, **b}),
                   message)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError, is_integer, is_number
-from ..model import SamplingDefaults, check_steps_offset
+from ..model import SamplingDefaults, check_clip_range, check_steps_offset
 from ..prediction import PREDICTIONS
 from ..samplers import VARIANCES
 from ..schedule import MAX_TIMESTEPS, ScheduleConfig, make_betas, zero_terminal_snr
@@ -311,10 +311,12 @@ def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfi
     _scheduler_setting(cfg | {"prediction_type": prediction}, "prediction_type", "epsilon",
                        PREDICTIONS, where, f"fastddpm runs {', '.join(PREDICTIONS)}")
     clip = _flag(cfg, "clip_sample", cls != "DPMSolverMultistepScheduler", where)
-    # a range r ≠ 1 would run as a table (x̂0's row over r, what weighs x̂0 times r), but the
-    # kernel's x̂0 output (progressive x̂0, the step graph's) would then be x̂0/r
-    if clip:
-        _scheduler_setting(cfg, "clip_sample_range", 1.0, (1.0,), where, "x̂0 clips to [−1, 1]")
+    # kept also where clip_sample is off (diffusers then ignores it): --clip turns it on
+    clip_range = cfg.get("clip_sample_range", 1.0)
+    try:
+        check_clip_range(clip_range, "clip_sample_range")
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     variance = cfg.get("variance_type") or "fixed_small"  # DDPMScheduler's default
     if not isinstance(variance, str):
         raise _unsupported_scheduler(where, f"variance_type={variance!r} ({' or '.join(VARIANCES)})")
@@ -354,7 +356,8 @@ def schedule_from_diffusers(cfg: dict | None, where: str) -> tuple[ScheduleConfi
         betas = zero_terminal_snr(make_betas(schedule.kind, steps, start, end, schedule.betas))
         schedule = ScheduleConfig("custom", steps, start, end, betas.tolist())
     return schedule, SamplingDefaults(variance, clip, prediction=prediction,
-                                      set_alpha_to_one=alpha_to_one, steps_offset=int(offset))
+                                      set_alpha_to_one=alpha_to_one, steps_offset=int(offset),
+                                      clip_range=float(clip_range))
 
 
 def schedule_to_diffusers(schedule: ScheduleConfig, sampling: SamplingDefaults) -> dict:
@@ -377,7 +380,7 @@ def schedule_to_diffusers(schedule: ScheduleConfig, sampling: SamplingDefaults) 
         "trained_betas": list(schedule.betas) if custom else None,
         "variance_type": sampling.variance,
         "clip_sample": sampling.clip,
-        "clip_sample_range": 1.0,
+        "clip_sample_range": sampling.clip_range,
         "prediction_type": sampling.prediction,
         "thresholding": False,
         "timestep_spacing": "leading",
