@@ -75,7 +75,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
-    colours = plt.get_cmap("tab10")
+    colours = plt.get_cmap("tab20")  # one colour per sampler (11 of them)
     styles = {"tuned": "-", "trailing": ":", "logsnr": "--"}  # the other grids: the table only
     for sampler, spacing in dict.fromkeys((r["sampler"], r["spacing"]) for r in rows
                                           if r["spacing"] in styles):
@@ -83,7 +83,7 @@ def plot(rows: list[dict], path: Path) -> None:
                      if (r["sampler"], r["spacing"]) == (sampler, spacing) and r["steps"] < 1000)
         style = styles[spacing]
         ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, lw=1.5,
-                color=colours(samplers.index(sampler) % 10), label=f"{sampler} ({spacing})")
+                color=colours(samplers.index(sampler) % 20), label=f"{sampler} ({spacing})")
     if paper_score(rows) is not None:
         ax.axhline(paper_score(rows), color="black", lw=0.8, label="DDPM, 1000 steps")
     ax.set_xlabel("ε evaluations (NFE)")
@@ -144,6 +144,8 @@ def main() -> None:
         out.with_suffix(".json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     if skipped:
         print(f"no tuned grid in the model for {', '.join(skipped)}: skipped", flush=True)
+    if len(rows) == len(old.get("results", [])):  # nothing new: the file's own machine and date
+        meta = {k: v for k, v in old.items() if k != "results"} or meta
     out.with_suffix(".md").write_text(table(rows, meta))
     if args.plot:
         plot(rows, out.with_suffix(".png"))
