@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastddpm.dtypes import DTYPES
+from fastddpm.dtypes import DTYPES, QUANTIZATIONS
 from fastddpm.model import DiffusionModel
 from fastddpm.runtime import Sampler
 from fastddpm.unet import CONFIGS
@@ -99,8 +99,8 @@ def test_sampling_throughput(benchmark, case, impl):
 
 # --- the CPU engines side by side: `python benchmarks/bench_sampler.py cpu` ------------------
 #
-# Every CPU engine of fastddpm (torch, compile, onnxruntime, openvino; fp32 and bf16; auto, the
-# default) beside diffusers' DDIMPipeline (fp32 eager, the same weights through a diffusers
+# Every CPU engine of fastddpm (torch, compile, onnxruntime, openvino; fp32 and bf16; openvino
+# int8; auto, the default) beside diffusers' DDIMPipeline (fp32 eager, the same weights through a diffusers
 # folder, the same DDIM steps, use_clipped_model_output=True), on the bundled model (batch 1, 64),
 # the CIFAR-10 U-Net with random weights (batch 1, 16) and, asked for with `--cases hub128-b1`
 # (seconds a step), diffusers' training example's 128² UNet2DModel (batch 1). Each measurement
@@ -119,8 +119,9 @@ HUB128 = {"sample_size": 128, "in_channels": 3, "out_channels": 3, "layers_per_b
           "block_out_channels": (128, 128, 256, 256, 512, 512),
           "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
           "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4}
+# backend[-dtype][-quantization]: openvino-int8-bf16 is int8 with what stays in float in bf16
 CPU_IMPLS = ("diffusers", "torch", "torch-bf16", "compile", "compile-bf16", "onnxruntime",
-             "openvino", "openvino-bf16", "auto")
+             "openvino", "openvino-bf16", "openvino-int8", "openvino-int8-bf16", "auto")
 
 
 def _cpu_model(config_name: str):
@@ -165,7 +166,9 @@ def measure_one(config_name: str, batch: int, impl: str, steps: int, repeats: in
     import time
 
     model = _cpu_model(config_name)
-    backend, _, dtype = impl.partition("-")
+    backend, *rest = impl.split("-")
+    dtype = next((r for r in rest if r in DTYPES), "fp32")
+    quantize = next((r for r in rest if r in QUANTIZATIONS), None)
     start = time.perf_counter()  # the first run's time includes building the engine
     if backend == "diffusers":
         folder = tempfile.mkdtemp(prefix="bench-diffusers-")
@@ -177,7 +180,7 @@ def measure_one(config_name: str, batch: int, impl: str, steps: int, repeats: in
         engine = "diffusers"
     else:
         sampler = Sampler(model, sampler="ddim", steps=steps, spacing="leading", device="cpu",
-                          backend=backend, dtype=dtype or "fp32")
+                          backend=backend, dtype=dtype, quantize=quantize)
 
         def run(seed):
             sampler.run(seed=seed, first=0, batch=batch)

@@ -2,9 +2,9 @@
 
 The judge of `fastddpm eval` (fastddpm.judge) is trained once; then, for each cell (sampler,
 steps, time grid), `num` samples of one seed are drawn and measured. Every sampler here takes one
-ε evaluation per step, so steps = NFE; ε comes from one engine per file (`--backend`,
-`--dtype`; default: torch fp32, the reference). Cells are `sampler:steps:spacing` (`--cases`), or the
-product of `--samplers`, `--spacings` and `--nfe`; a `tuned` cell for which the model has no
+ε evaluation per step, so steps = NFE; ε comes from one engine per file (`--backend`, `--dtype`,
+`--quantize`; default: torch fp32, the reference). Cells are `sampler:steps:spacing` (`--cases`),
+or the product of `--samplers`, `--spacings` and `--nfe`; a `tuned` cell for which the model has no
 grid is skipped and listed. Writes STEM.json (every cell, added to as cells finish, so a run
 can be resumed), STEM.md (one row per sampler and grid, one column per NFE) and, with --plot,
 a PNG of the Fréchet ratio against NFE (matplotlib: `pip install -e ".[dev]"`):
@@ -50,7 +50,8 @@ def table(rows: list[dict], meta: dict) -> str:
     paper = paper_score(rows)
     bar = f"; DDPM-1000: {paper:.2f}" if paper is not None else ""
     nfes = sorted({r["steps"] for r in rows if r["steps"] < 1000})
-    engine = f"{meta.get('backend', 'torch')} {meta.get('dtype', 'fp32')}"
+    engine = " ".join(filter(None, (meta.get("backend", "torch"), meta.get("dtype", "fp32"),
+                                    meta.get("quantize"))))
     lines = [f"Model {meta['model']}, ε by {engine}; Fréchet ratio (lower is better{bar}), "
              f"{meta['num']} samples per cell, seed {meta['seed']}, {meta['machine']}, "
              f"torch {meta['torch']}, {meta['date']}.", "",
@@ -104,6 +105,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="torch", help="the ε engine (default: torch, the reference)")
     p.add_argument("--dtype", default="fp32", help="the ε engine's dtype (default: fp32)")
+    p.add_argument("--quantize", default=None, help="the ε engine's quantization (default: none)")
     p.add_argument("--cases", default=None, help="sampler:steps:spacing,... (instead of the product)")
     p.add_argument("--samplers", default="ddim,dpm++")
     p.add_argument("--spacings", default="trailing,logsnr,tuned")
@@ -115,15 +117,16 @@ def main() -> None:
     judge = DigitClassifier(model.config.image_size)
     out = Path(args.out)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
-    engine = (old.get("backend", "torch"), old.get("dtype", "fp32"))  # older files: torch fp32
-    if old and engine != (args.backend, args.dtype):
-        raise SystemExit(f"{out}.json holds cells of {' '.join(engine)}; one file, one engine "
-                         "(another --out)")
+    # older files: torch fp32, none quantized
+    engine = (old.get("backend", "torch"), old.get("dtype", "fp32"), old.get("quantize"))
+    if old and engine != (args.backend, args.dtype, args.quantize):
+        raise SystemExit(f"{out}.json holds cells of {' '.join(filter(None, engine))}; one file, "
+                         "one engine (another --out)")
     # rows written before the grid was a column were all 'leading', then the only default
     rows = [{"spacing": "leading", **r} for r in old.get("results", [])]
     skipped = []
     meta = {"model": args.model, "num": args.num, "seed": args.seed, "backend": args.backend,
-            "dtype": args.dtype, "torch": torch.__version__,
+            "dtype": args.dtype, "quantize": args.quantize, "torch": torch.__version__,
             "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, {torch.get_num_threads()} threads",
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
     for sampler, steps, spacing in cells(args):
@@ -135,7 +138,8 @@ def main() -> None:
             continue
         start = time.perf_counter()
         x = sample(model, num=args.num, steps=steps, sampler=sampler, spacing=spacing, seed=args.seed,
-                   device="cpu", backend=args.backend, dtype=args.dtype, batch_size=500)
+                   device="cpu", backend=args.backend, dtype=args.dtype, quantize=args.quantize,
+                   batch_size=500)
         seconds = time.perf_counter() - start
         rows.append({"sampler": sampler, "steps": steps, "spacing": spacing,
                      "sampling_seconds": round(seconds, 1), **digit_metrics(x, judge, args.seed)})

@@ -20,7 +20,8 @@ default: the threads torch uses), the one threads knob whichever backend compute
 
 Precision: the engine's I/O is always f32; --dtype picks INFERENCE_PRECISION_HINT (f32, bf16,
 f16), refused in one line where the CPU has no native support for it. x comes in the sampler's
-dtype and ε goes back in it.
+dtype and ε goes back in it. `--quantize int8` compiles the int8 graph of fastddpm.export.quantize
+instead; what it leaves unquantized runs at --dtype's precision.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 
 from fastddpm import __version__, disk_cache
 from fastddpm.backends import Backend, Denoiser, resolve_threads
-from fastddpm.dtypes import dtype_name
+from fastddpm.dtypes import QUANTIZATIONS, dtype_name
 from fastddpm.errors import UserError, require_extra
 from fastddpm.model import DiffusionModel
 from fastddpm.sessions import model_hash
@@ -94,14 +95,19 @@ def graph_of(model: DiffusionModel):
 
 
 def make(model: DiffusionModel, device: torch.device, dtype: torch.dtype,
-         threads: int | None = None) -> Denoiser:
+         threads: int | None = None, quantize: str | None = None) -> Denoiser:
     device = torch.device(device)
     if device.type != "cpu":  # before anything touches the device
         raise UserError("the openvino backend runs on the CPU; pass --device cpu or use --backend torch")
     ov = import_openvino()
     core = ov.Core()
     config = compile_config(core, dtype, resolve_threads(threads))
-    graph, unet = graph_of(model)
+    if quantize is None:
+        graph, keep = graph_of(model)
+    else:
+        from .quantize import int8_graph_of
+
+        graph, keep = int8_graph_of(model, resolve_threads(threads))
     compiled = core.compile_model(graph, "CPU", config)
     request = compiled.create_infer_request()
 
@@ -118,8 +124,8 @@ def make(model: DiffusionModel, device: torch.device, dtype: torch.dtype,
     denoise.request = request
     # the converted graph shares the torch copy's weights (convert_model's share_weights), and the
     # CPU plugin may keep using constant memory in place: both live as long as the denoiser
-    denoise.weights = (graph, unet)
+    denoise.weights = (graph, keep)
     return denoise
 
 
-OPENVINO = Backend("openvino", make)
+OPENVINO = Backend("openvino", make, quantizations=QUANTIZATIONS)

@@ -11,7 +11,8 @@ engines 40-75 % slower per step than the best: benchmarks/results/cpu-20261204).
 candidates are alive while they take turns; the losers go with the pick. The pick is kept in
 this denoiser (which sessions keeps for the process) and in the disk cache, so a fresh process
 builds only the winner. An engine that cannot run the dtype here is skipped. What was picked
-and why goes to the `fastddpm` logger (`--verbose`).
+and why goes to the `fastddpm` logger (`--verbose`). With `quantize`, the candidates are the
+engines that run that quantization.
 $FASTDDPM_AUTO_ENGINES (comma-separated) narrows the candidates (the test suite: torch only).
 """
 from __future__ import annotations
@@ -30,8 +31,16 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import disk_cache
-from .backends import Backend, Denoiser, backend_names, make_denoiser, resolve_device, resolve_threads
-from .dtypes import dtype_name, torch_dtype
+from .backends import (
+    Backend,
+    Denoiser,
+    backend_names,
+    get_backend,
+    make_denoiser,
+    resolve_device,
+    resolve_threads,
+)
+from .dtypes import QUANTIZATIONS, dtype_name, torch_dtype
 from .errors import UserError
 from .sessions import model_hash
 
@@ -94,8 +103,10 @@ def time_engines(engines: dict[str, Denoiser], x: torch.Tensor, t: torch.Tensor,
 class AutoDenoiser:
     """`denoise(x, t)` that runs, for each batch size, the engine it picked for that size."""
 
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, threads: int):
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, threads: int,
+                 quantize: str | None = None):
         self.model, self.device, self.dtype, self.threads = model, device, dtype, threads
+        self.quantize = quantize
         self.engines: dict[int, Denoiser] = {}
         self.choices: dict[int, dict] = {}  # batch → {"engine", "ms" per engine, "why"}
 
@@ -107,7 +118,8 @@ class AutoDenoiser:
 
     def _key(self, batch: int, engines: list[str]) -> dict:
         return {"model": model_hash(self.model), "batch": batch, "dtype": dtype_name(self.dtype),
-                "threads": self.threads, "cpu": _cpu_name(), "versions": _versions(engines)}
+                "quantize": self.quantize, "threads": self.threads, "cpu": _cpu_name(),
+                "versions": _versions(engines)}
 
     def _choose(self, x: torch.Tensor, t: torch.Tensor) -> Denoiser:
         batch = x.shape[0]
@@ -115,6 +127,11 @@ class AutoDenoiser:
         if not engines:
             raise UserError("FASTDDPM_AUTO_ENGINES names no installed engine; unset it or name some "
                             f"of {', '.join(CPU_ENGINES)}")
+        if self.quantize is not None:
+            engines = [e for e in engines if self.quantize in get_backend(e).quantizations]
+            if not engines:
+                raise UserError(f"no installed engine runs --quantize {self.quantize}; "
+                                "pip install 'fastddpm[int8]', or drop --quantize")
         key = self._key(batch, engines)
         folder = disk_cache.load("auto", key)  # its files are intact (their hashes checked)
         if folder is not None:
@@ -142,14 +159,15 @@ class AutoDenoiser:
         return self._keep(batch, choice, built[best])
 
     def _build(self, name: str) -> Denoiser:
-        return make_denoiser(self.model, name, self.device, self.dtype, self.threads)
+        return make_denoiser(self.model, name, self.device, self.dtype, self.threads, self.quantize)
 
     def _keep(self, batch: int, choice: dict, denoise: Denoiser) -> Denoiser:
         self.choices[batch] = choice
         timings = ", ".join(f"{n} {ms:.1f}" for n, ms in choice.get("ms", {}).items())
         skipped = "; ".join(f"{n} skipped: {why}" for n, why in choice.get("refused", {}).items())
+        precision = dtype_name(self.dtype) + (f", {self.quantize}" if self.quantize else "")
         log.info("auto: %s for batch %d in %s on %d threads (%s%s%s)", choice["engine"], batch,
-                 dtype_name(self.dtype), self.threads, choice["why"],
+                 precision, self.threads, choice["why"],
                  f"; ε ms: {timings}" if timings else "", f"; {skipped}" if skipped else "")
         return denoise
 
@@ -162,7 +180,8 @@ def engine_for(model, options, batch: int) -> str:
     device = resolve_device(options.device)
     if device.type == "cuda":
         return "torch"
-    auto = AutoDenoiser(model, device, torch_dtype(options.dtype), resolve_threads(options.threads))
+    auto = AutoDenoiser(model, device, torch_dtype(options.dtype), resolve_threads(options.threads),
+                        options.quantize)
     cfg = model.config
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size).to(auto.dtype)
     t = model.table(options).timesteps[:1].expand(batch)
@@ -190,13 +209,16 @@ def explained(backend: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-def make(model, device: torch.device, dtype: torch.dtype, threads: int | None = None) -> Callable:
+def make(model, device: torch.device, dtype: torch.dtype, threads: int | None = None,
+         quantize: str | None = None) -> Callable:
     device = torch.device(device)
     if device.type == "cuda":  # the CUDA-graph path: torch, captured with the step
+        if quantize is not None:
+            raise UserError(f"--quantize {quantize} runs on the CPU; add --device cpu, or drop --quantize")
         log.info("auto: torch on %s (the CUDA-graph path)", device)
         return make_denoiser(model, "torch", device, dtype, threads)
-    return AutoDenoiser(model, device, dtype, resolve_threads(threads))
+    return AutoDenoiser(model, device, dtype, resolve_threads(threads), quantize)
 
 
-# graph_capturable: on CUDA it is the torch backend's ε
-AUTO = Backend("auto", make, graph_capturable=True)
+# graph_capturable: on CUDA it is the torch backend's ε; quantizations: its CPU candidates'
+AUTO = Backend("auto", make, graph_capturable=True, quantizations=QUANTIZATIONS)

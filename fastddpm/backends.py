@@ -29,11 +29,13 @@ ENTRY_POINT_GROUP = "fastddpm.backends"
 @dataclass(frozen=True)
 class Backend:
     name: str
-    # make(model, device, dtype, threads): threads is the one CPU thread count the engine uses
-    make: Callable[[DiffusionModel, torch.device, torch.dtype, int], Denoiser]
+    # make(model, device, dtype, threads): threads is the one CPU thread count the engine uses;
+    # a backend with quantizations also takes quantize= (one of them) where one is asked for
+    make: Callable[..., Denoiser]
     # whether its ε call can be captured inside the sampler's CUDA graph (ONNX Runtime and
     # TensorRT run on streams of their own, outside torch's capture)
     graph_capturable: bool = False
+    quantizations: tuple[str, ...] = ()  # what --quantize it runs (openvino: int8)
 
 
 _registry: dict[str, Backend] = {}
@@ -71,10 +73,18 @@ def resolve_threads(threads: int | None) -> int:
 
 
 def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
-                  dtype: torch.dtype, threads: int | None = None) -> Denoiser:
+                  dtype: torch.dtype, threads: int | None = None,
+                  quantize: str | None = None) -> Denoiser:
     """The ε-model callable of backend `backend` on `device` in `dtype`, on `threads` CPU threads
-    (default: torch's count)."""
-    return get_backend(backend).make(model, device, dtype, resolve_threads(threads))
+    (default: torch's count), quantized to `quantize` where one is named."""
+    engine = get_backend(backend)
+    if quantize is None:
+        return engine.make(model, device, dtype, resolve_threads(threads))
+    if quantize not in engine.quantizations:
+        runs = [name for name in backend_names() if quantize in get_backend(name).quantizations]
+        raise UserError(f"the {backend} backend does not run --quantize {quantize}; use "
+                        f"--backend {' or '.join(runs) or 'openvino'}, or drop --quantize")
+    return engine.make(model, device, dtype, resolve_threads(threads), quantize=quantize)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

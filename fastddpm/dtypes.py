@@ -1,4 +1,5 @@
-"""The dtypes a user names (fp32 / fp16 / bf16): one table for every command and engine."""
+"""The dtypes a user names (fp32 / fp16 / bf16) and the quantizations (int8): one table for every
+command and engine."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +7,8 @@ import torch
 from .errors import UserError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# of the ε-model inside its engine (--quantize); the sampler's tensors stay in the dtype above
+QUANTIZATIONS = ("int8",)
 
 
 def torch_dtype(name: str) -> torch.dtype:

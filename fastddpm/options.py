@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, fields, replace
 
 from .backends import backend_names
-from .dtypes import DTYPES
+from .dtypes import DTYPES, QUANTIZATIONS
 from .errors import UserError
 from .samplers import SAMPLERS, SPACINGS
 
@@ -44,6 +44,7 @@ class SamplingOptions:
     cuda_graph: bool = True  # capture the whole step as a CUDA graph (CUDA only)
     batch_size: int | None = None  # images per batch; None: min(num, MAX_BATCH)
     threads: int | None = None  # CPU threads of whichever engine runs; None: torch's count
+    quantize: str | None = None  # int8: the ε-model's convolutions and matmuls in int8 (openvino)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -68,6 +69,9 @@ class SamplingOptions:
             raise UserError(f"batch size must be positive, got {self.batch_size}")
         if self.threads is not None and self.threads <= 0:
             raise UserError(f"threads must be positive, got {self.threads}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise UserError(f"unknown quantization {self.quantize!r}; choose one of "
+                            f"{', '.join(QUANTIZATIONS)}")
 
     @classmethod
     def of(cls, options: SamplingOptions | None = None, **choices) -> SamplingOptions:
@@ -138,3 +142,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, execution: bool = True) -
     g.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads of the ε engine, whichever runs (default: the threads torch "
                         "uses, usually one per core)")
+    g.add_argument("--quantize", default=d.quantize, choices=QUANTIZATIONS,
+                   help="int8: the ε-model quantized by NNCF, calibrated on its own samples once and "
+                        "cached (openvino, CPU; the fastddpm[int8] extra); what stays in float runs "
+                        "in --dtype (default: none)")

@@ -68,8 +68,9 @@ class Sampler:
         cfg = model.config
         self.image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
         # kept for the process (fastddpm.sessions): a second Sampler of the same model, backend,
-        # device, dtype and threads converts, exports and compiles nothing
-        self.denoise = sessions.denoiser(model, options.backend, self.device, self.dtype, options.threads)
+        # device, dtype, threads and quantization converts, exports and compiles nothing
+        self.denoise = sessions.denoiser(model, options.backend, self.device, self.dtype,
+                                         options.threads, options.quantize)
         self.coef = self.table.coef.to(device=self.device, dtype=torch.float32)
         self.timesteps = self.table.timesteps.to(self.device)
         self.use_graph = (options.cuda_graph and self.device.type == "cuda"

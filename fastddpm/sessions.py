@@ -1,7 +1,8 @@
 """Long-lived sessions: what sampling builds is kept for the process, so a second `sample()` call
 pays no conversion, compilation, export or CUDA-graph capture.
 
-Two bounded LRU caches: ε engines keyed by (model content, backend, device, dtype, threads), and
+Two bounded LRU caches: ε engines keyed by (model content, backend, device, dtype, threads,
+quantization), and
 Samplers (their tables and CUDA graphs) keyed by (model content, options, start). "Model content"
 is `model_hash`: a SHA-256 over the configs and every weight's bytes, computed once per model
 object and kept until a weight changes (a tensor's version counter moves with every in-place
@@ -87,12 +88,13 @@ def _still(model_key: str) -> Callable[[object], bool]:
 
 
 def denoiser(model: DiffusionModel, backend: str, device: torch.device, dtype: torch.dtype,
-             threads: int | None = None) -> Denoiser:
-    """`backends.make_denoiser`, built once per (model content, backend, device, dtype, threads)."""
+             threads: int | None = None, quantize: str | None = None) -> Denoiser:
+    """`backends.make_denoiser`, built once per (model content, backend, device, dtype, threads,
+    quantization)."""
     threads = resolve_threads(threads)
     # the Backend itself, not only its name: one registered again under the same name is new
-    key = (model_hash(model), get_backend(backend), str(device), dtype, threads)
-    build = lambda: (model, make_denoiser(model, backend, device, dtype, threads))  # noqa: E731
+    key = (model_hash(model), get_backend(backend), str(device), dtype, threads, quantize)
+    build = lambda: (model, make_denoiser(model, backend, device, dtype, threads, quantize))  # noqa: E731
     return DENOISERS.get(key, build, _still(key[0]))[1]
 
 

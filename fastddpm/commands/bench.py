@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         device = sampler.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         result = {"backend": run_options.backend, "device": name, "dtype": run_options.dtype,
-                  "sampler": run_options.sampler, "torch": torch.__version__,
+                  "quantize": run_options.quantize, "sampler": run_options.sampler, "torch": torch.__version__,
                   **time_sampler(sampler, batch, args.repeats)}
         # what auto picked for this batch, and the ε timings it picked by
         choice = getattr(sampler.denoise, "choices", {}).get(batch)
@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(result))
         else:
             engine = f" → {result['engine']}" if "engine" in result else ""
-            print(f"{run_options.backend:>12}{engine} on {name} ({run_options.dtype}): "
+            precision = ", ".join(filter(None, (run_options.dtype, run_options.quantize)))
+            print(f"{run_options.backend:>12}{engine} on {name} ({precision}): "
                   f"{result['images_per_s']:.2f} img/s, {result['ms_per_step']:.2f} ms/step "
                   f"(batch {batch}, {result['steps']} {run_options.sampler} steps, "
                   f"median of {args.repeats})")

@@ -88,13 +88,13 @@ def _fidelity(args: argparse.Namespace, options: SamplingOptions) -> dict | None
 def _bits_per_dim(args: argparse.Namespace, options: SamplingOptions) -> dict:
     execution = dict(device=options.device, backend=options.backend, dtype=options.dtype,
                      cuda_graph=options.cuda_graph, batch_size=options.batch_size,
-                     threads=options.threads)
+                     threads=options.threads, quantize=options.quantize)
     if options != SamplingOptions(**execution) or args.grid is not None:
         raise UserError("the sampler's options and --grid are for sample metrics; --bpd runs all "
                         "T terms of the bound")
-    if options.backend not in ("torch", "auto") or options.dtype != "fp32":
+    if options.backend not in ("torch", "auto") or options.dtype != "fp32" or options.quantize:
         raise UserError("--bpd runs the fp32 torch model (the bound is a float64 sum of "
-                        "fp32 terms); drop --backend and --dtype")
+                        "fp32 terms); drop --backend, --dtype and --quantize")
     model = load(args.model)
     cfg = model.config
     ds = data.load(args.data, cfg.image_size, cfg.in_channels)
