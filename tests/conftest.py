@@ -42,6 +42,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """Engines a module converts (OpenVINO IR, int8 graphs) go to a cache folder of the
+    module's own: one conversion serves its tests, and no other module's entries are there."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDDPM_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
 def tiny_model_file(tmp_path_factory):
     """tiny.TINY (1 channel, no attention, T = 50, weights of seed 0) as a model file."""
     from tiny import save_tiny  # here, not at the top: after TRITON_INTERPRET is set

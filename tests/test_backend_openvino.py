@@ -6,36 +6,21 @@ import torch
 
 ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
-from tiny import TINY_WIDE, tiny_model  # noqa: E402
+from tiny import perturbed_engine_model  # noqa: E402
 
 from fastddpm.backends import backend_names, get_backend  # noqa: E402
 from fastddpm.errors import UserError  # noqa: E402
 from fastddpm.export.openvino import OPENVINO, make  # noqa: E402
 from fastddpm.runtime import sample  # noqa: E402
-from fastddpm.schedule import ScheduleConfig  # noqa: E402
 
 CPU = torch.device("cpu")
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def disk_cache_in_tmp(tmp_path_factory):
-    """The converted IR goes to a folder of this module's, not the user's cache."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTDDPM_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_model(TINY_WIDE, ScheduleConfig("linear", 50))
-    # every weight perturbed (norms around 1): not a near-identity net, and a mapping slip shows
-    with torch.no_grad():
-        for name, p in m.unet.named_parameters():
-            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(base + torch.randn_like(p) * (0.5 if "norm" in name else 0.2))
-    m.unet.eval()
-    return m
+    return perturbed_engine_model()
 
 
 @pytest.fixture(scope="module")

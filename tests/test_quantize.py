@@ -10,25 +10,17 @@ import torch
 ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
 pytest.importorskip("nncf", reason="the int8 extra is not installed")
 
-from tiny import TINY_WIDE, tiny_model  # noqa: E402
+from tiny import perturbed_engine_model  # noqa: E402
 
 from fastddpm import cli, disk_cache, sessions  # noqa: E402
 from fastddpm.errors import UserError  # noqa: E402
 from fastddpm.export import quantize  # noqa: E402
 from fastddpm.export.openvino import make  # noqa: E402
 from fastddpm.runtime import Sampler, sample  # noqa: E402
-from fastddpm.schedule import ScheduleConfig  # noqa: E402
 
 CPU = torch.device("cpu")
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def disk_cache_in_tmp(tmp_path_factory):
-    """The module's int8 graphs go to a folder of its own (one calibration serves its tests)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTDDPM_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 @pytest.fixture(autouse=True)
@@ -46,15 +38,7 @@ def fresh_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_model(TINY_WIDE, ScheduleConfig("linear", 50))
-    # every weight perturbed (norms around 1): activations of a real spread for int8 to cover
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.unet.named_parameters():
-            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            p.copy_(base + torch.randn(p.shape, generator=g) * (0.5 if "norm" in name else 0.2))
-    m.unet.eval()
-    return m
+    return perturbed_engine_model()
 
 
 def _on_trajectory(model, batch: int, seed: int):

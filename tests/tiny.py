@@ -42,6 +42,20 @@ def tiny_model(config: UNetConfig = TINY, schedule: ScheduleConfig = ScheduleCon
     return DiffusionModel.create(config, schedule, sampling)
 
 
+def perturbed_engine_model(seed: int = 0) -> DiffusionModel:
+    """TINY_WIDE with every weight perturbed (norms around 1), in eval mode: not a
+    near-identity net, so a slip in an engine's conversion shows, and activations of a real
+    spread (what int8 calibration must cover). The ε engines' tests share it."""
+    model = tiny_model(TINY_WIDE, ScheduleConfig("linear", 50))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(base + torch.randn(p.shape, generator=g) * (0.5 if "norm" in name else 0.2))
+    model.unet.eval()
+    return model
+
+
 def save_tiny(path: Path, config: UNetConfig = TINY,
               schedule: ScheduleConfig = ScheduleConfig("linear", 50), seed: int = 0) -> Path:
     """`tiny_model(config, schedule, seed=seed)` written to `path` (a model file)."""

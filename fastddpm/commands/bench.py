@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         device = sampler.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         result = {"backend": run_options.backend, "device": name, "dtype": run_options.dtype,
-                  "quantize": run_options.quantize, "sampler": run_options.sampler, "torch": torch.__version__,
+                  "quantize": run_options.quantize, "sampler": run_options.sampler,
+                  "torch": torch.__version__,
                   **time_sampler(sampler, batch, args.repeats)}
         # what auto picked for this batch, and the ε timings it picked by
         choice = getattr(sampler.denoise, "choices", {}).get(batch)
