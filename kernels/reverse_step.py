@@ -92,8 +92,12 @@ def new_history(x: torch.Tensor, slots: int) -> torch.Tensor:
 def _reference_step(x, eps, coef, step, rng, history, clip, variance, eps_history):
     """The reference with the table row, the ring's slots and the noise taken from device
     tensors (no sync)."""
-    z = step_noise(rng, step, x.shape[0], tuple(x.shape[1:]))
     row = coef.index_select(0, step.view(1)).view(-1)
+    # the counter-based draw is some thousand tiny ops: most of a small batch's step on the CPU,
+    # where σ is read for free, so a row without noise (every row of a deterministic sampler)
+    # skips it; on a GPU that read would sync, and σ = 0 zeroes the draw instead
+    noiseless = row.device.type == "cpu" and row[-1].item() == 0.0
+    z = None if noiseless else step_noise(rng, step, x.shape[0], tuple(x.shape[1:]))
     past = ring_history(history, step) if history is not None else None
     return reverse_step_reference(x, eps, row, z, past, clip, variance, eps_history=eps_history)
 

@@ -317,6 +317,23 @@ def test_no_noise_where_sigma_is_zero(device):
     assert_close(out, rs.reverse_step_reference(x, eps, coef[-1], None, (), tab.clip)[0])
 
 
+@pytest.mark.parametrize("sampler, options", [("ddim", {}), ("ddpm", {"variance": "fixed_large"})])
+def test_cpu_reference_draws_noise_exactly_where_sigma_is_not_zero(sampler, options):
+    """On the CPU the reference skips the draw on rows with σ = 0 (every row of deterministic
+    DDIM, DDPM's last): each step equals the reference given the draw, noise and all."""
+    tab = make_table(SCHEDULE, sampler, 5, "trailing", clip=True, **options)
+    coef = tab.coef.to(torch.float32)
+    assert (coef[:, -1] == 0).all() if sampler == "ddim" else (coef[:-1, -1] > 0).all()
+    x, eps, _, _ = _inputs((2, 3, 4, 4), torch.float32, "cpu", torch.contiguous_format, 8)
+    for i in range(tab.num_steps):
+        step, rng = _device_tensors("cpu", i, 13, 0)
+        out, _ = kernels.reverse_step(x, eps, coef, step, rng, None, tab.clip, mode="reference")
+        z = noise.gaussian(13, torch.arange(2), i, (3, 4, 4))
+        want = rs.reverse_step_reference(x, eps, coef[i], z, None, tab.clip)[0]
+        assert torch.equal(out, want)
+        x = out
+
+
 @needs_triton
 @pytest.mark.parametrize("device", DEVICES)
 def test_batch_split_invariance(device):
