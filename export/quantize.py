@@ -23,6 +23,7 @@ import logging
 import sys
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fastddpm import __version__, disk_cache
 from fastddpm.errors import require_extra
@@ -44,8 +45,10 @@ def import_nncf():
 
 
 def calibration_items(model: DiffusionModel, threads: int) -> list[dict[str, np.ndarray]]:
-    """The ε inputs {x: (1, C, H, W) f32, t: (1,) i64} of CALIBRATION's trajectory."""
-    options = SamplingOptions(sampler=CALIBRATION["sampler"], steps=CALIBRATION["steps"],
+    """The ε inputs {x: (1, C, H, W) f32, t: (1,) i64} of CALIBRATION's trajectory (every t of
+    a model with fewer timesteps than its steps)."""
+    steps = min(CALIBRATION["steps"], len(model.schedule.alphas_cumprod))
+    options = SamplingOptions(sampler=CALIBRATION["sampler"], steps=steps,
                               spacing=CALIBRATION["spacing"], device="cpu", backend="torch",
                               dtype="fp32", threads=threads)
     sampler = Sampler(model, options)
@@ -58,7 +61,9 @@ def calibration_items(model: DiffusionModel, threads: int) -> list[dict[str, np.
         return engine(x, t)
 
     sampler.denoise = recording
-    sampler.run(CALIBRATION["seed"], 0, CALIBRATION["images"])
+    # a bar of its own: on a large model this takes minutes (NNCF's passes show theirs after it)
+    with tqdm(total=steps, desc="int8 calibration samples", unit="step", leave=False) as bar:
+        sampler.run(CALIBRATION["seed"], 0, CALIBRATION["images"], on_progress=lambda i: bar.update(1))
     return items
 
 

@@ -83,7 +83,7 @@ def make_denoiser(model: DiffusionModel, backend: str, device: torch.device,
     if quantize not in engine.quantizations:
         runs = [name for name in backend_names() if quantize in get_backend(name).quantizations]
         raise UserError(f"the {backend} backend does not run --quantize {quantize}; use "
-                        f"--backend {' or '.join(runs) or 'openvino'}, or drop --quantize")
+                        f"--backend {' or '.join(runs)}, or drop --quantize")
     return engine.make(model, device, dtype, resolve_threads(threads), quantize=quantize)
 
 

@@ -95,6 +95,16 @@ def test_calibration_is_the_models_own_trajectory(model):
     assert not any((a == b).all() for a, b in zip(first, later, strict=True))
 
 
+def test_a_model_with_fewer_timesteps_than_the_calibration_steps():
+    from tiny import tiny_model
+
+    from fastddpm.schedule import ScheduleConfig
+
+    short = tiny_model(schedule=ScheduleConfig("linear", 10))
+    items = quantize.calibration_items(short, threads=1)
+    assert sorted({int(i["t"][0]) for i in items}) == list(range(10))
+
+
 def test_disk_cache_hit_needs_no_calibration(model, fresh_cache, monkeypatch):
     make(model, CPU, torch.float32, threads=1, quantize="int8")
 
