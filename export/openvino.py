@@ -38,6 +38,8 @@ from fastddpm.errors import UserError, require_extra
 from fastddpm.model import DiffusionModel
 from fastddpm.sessions import model_hash
 
+from .quantize import int8_graph_of
+
 # --dtype → (INFERENCE_PRECISION_HINT, the OPTIMIZATION_CAPABILITIES entry it needs)
 PRECISIONS = {torch.float32: ("f32", None), torch.bfloat16: ("bf16", "BF16"),
               torch.float16: ("f16", "FP16")}
@@ -105,9 +107,7 @@ def make(model: DiffusionModel, device: torch.device, dtype: torch.dtype,
     if quantize is None:
         graph, keep = graph_of(model)
     else:
-        from .quantize import int8_graph_of
-
-        graph, keep = int8_graph_of(model, resolve_threads(threads))
+        graph, keep = int8_graph_of(model, resolve_threads(threads), lambda: graph_of(model))
     compiled = core.compile_model(graph, "CPU", config)
     request = compiled.create_infer_request()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -84,14 +85,12 @@ def quantize(graph, items: list[dict[str, np.ndarray]]):
                 activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX))
 
 
-def int8_graph_of(model: DiffusionModel, threads: int):
-    """The int8 ε graph of `model` and what must outlive it (as openvino.graph_of's pair): read
-    from the disk cache when an entry for this model, recipe and the OpenVINO, NNCF and fastddpm
-    versions is there (then None: the graph owns its weights), else calibrated, quantized (once: a
-    minute on a CIFAR-10 U-Net with 2 threads) and stored."""
+def int8_graph_of(model: DiffusionModel, threads: int, f32_graph_of: Callable[[], tuple]):
+    """The int8 ε graph of `model` and what must outlive it (as `f32_graph_of()`'s pair, the f32
+    graph and its keep-alive): read from the disk cache when an entry for this model, recipe and
+    the OpenVINO, NNCF and fastddpm versions is there (then None: the graph owns its weights),
+    else calibrated, quantized (once: a minute on a CIFAR-10 U-Net with 2 threads) and stored."""
     import openvino as ov
-
-    from .openvino import graph_of
 
     nncf = import_nncf()
     key = {"model": model_hash(model), "recipe": RECIPE, "openvino": ov.__version__,
@@ -101,7 +100,7 @@ def int8_graph_of(model: DiffusionModel, threads: int):
         return ov.Core().read_model(folder / "eps.xml"), None
     log.warning("quantizing the ε-model to int8 (once for this model; kept in %s)",
                 disk_cache.cache_root())
-    f32_graph, unet = graph_of(model)
+    f32_graph, unet = f32_graph_of()
     graph = quantize(f32_graph, calibration_items(model, threads))
     disk_cache.store("openvino-int8", key,
                      lambda d: ov.save_model(graph, d / "eps.xml", compress_to_fp16=False))
