@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_sampler import cpu_facts  # this folder's: the CPU, its flags, the versions
+from bench_sampler import _diffusers_same_weights, cpu_facts  # this folder's
 
 from fastddpm.model import DiffusionModel
 from fastddpm.unet import CONFIGS
@@ -52,14 +52,9 @@ def forward_flops(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor) -> in
 
 def engines(model: DiffusionModel) -> dict:
     """name → denoise(x, t) on one thread."""
-    from diffusers import UNet2DModel
-
     from fastddpm.export.openvino import make
-    from fastddpm.interop.diffusers import save_folder
 
-    folder = tempfile.mkdtemp(prefix="roofline-")
-    save_folder(model, folder)
-    unet = UNet2DModel.from_pretrained(folder).eval()
+    unet = _diffusers_same_weights(model, f"{tempfile.mkdtemp(prefix='roofline-')}/model").unet
 
     @torch.inference_mode()
     def diffusers(x, t):

@@ -35,6 +35,7 @@ import torch
 from fastddpm.backends import Backend, register_backend
 from fastddpm.checkpoint import load
 from fastddpm.export.openvino import convert
+from fastddpm.export.quantize import KEEP_FLOAT
 from fastddpm.judge import DigitClassifier, digit_metrics
 from fastddpm.model import DiffusionModel
 from fastddpm.runtime import sample
@@ -42,8 +43,8 @@ from fastddpm.unet import CONFIGS
 
 # the U-Net's parts whose compute is negligible but which every output depends on directly: the
 # time-embedding MLP and each block's projection of it (a (B, 512) matmul), and the first and
-# last convolutions (1 or 3 channels: nothing for int8 to speed up)
-KEEP = [r".*time_embed\..*", r".*temb_proj.*", r"__module\.conv_in/.*", r"__module\.conv_out/.*"]
+# last convolutions (1 or 3 channels: nothing for int8 to speed up) — what --quantize int8 keeps
+KEEP = KEEP_FLOAT
 ATTENTION = [r".*attn.*"]
 
 # name → (why it is tried, nncf.quantize keywords)
