@@ -1,4 +1,5 @@
-"""The openvino ε backend: ε and a whole DDIM sample against torch fp32, a dynamic batch, bf16
+"""The openvino ε backend: ε and a whole DDIM sample against torch fp32, any batch (each size
+compiled once, static, the last few kept), bf16
 where the CPU has it (its one-line refusal where not), CUDA refused in one line, the entry
 point, and torch's thread count reaching the engine."""
 import pytest
@@ -10,6 +11,7 @@ from tiny import perturbed_engine_model  # noqa: E402
 
 from fastddpm.backends import backend_names, get_backend  # noqa: E402
 from fastddpm.errors import UserError  # noqa: E402
+from fastddpm.export import openvino  # noqa: E402
 from fastddpm.export.openvino import OPENVINO, make  # noqa: E402
 from fastddpm.runtime import sample  # noqa: E402
 
@@ -50,6 +52,28 @@ def test_eps_matches_torch_at_any_batch(model, denoise, batch):
     assert (got - want).abs().max().item() < 1e-4
 
 
+def test_each_batch_size_is_compiled_once_with_its_shape_fixed(model):
+    denoise = make(model, CPU, torch.float32)
+    for batch in (3, 2, 3, 2):
+        x, t = _inputs(batch, 40 + batch)
+        assert (denoise(x, t) - _torch_eps(model, x, t)).abs().max().item() < 1e-4
+    assert denoise.compiles == 2
+    shape = denoise.compiled(3).input("x").get_partial_shape()
+    assert shape.is_static and list(shape.to_shape()) == [3, 3, 8, 8]
+    assert denoise.compiles == 2  # asking for a kept size's compiled model compiles nothing
+
+
+def test_only_the_last_sizes_stay_compiled(model, monkeypatch):
+    monkeypatch.setattr(openvino, "SHAPES_KEPT", 2)
+    denoise = make(model, CPU, torch.float32)
+    for batch in (1, 2, 3):
+        denoise(*_inputs(batch, batch))
+    assert list(denoise.requests) == [2, 3] and denoise.compiles == 3
+    x, t = _inputs(1, 50)
+    assert (denoise(x, t) - _torch_eps(model, x, t)).abs().max().item() < 1e-4
+    assert list(denoise.requests) == [3, 1] and denoise.compiles == 4
+
+
 def test_result_outlives_the_next_call(denoise):
     x1, t1 = _inputs(2, 10)
     first = denoise(x1, t1)
@@ -69,7 +93,7 @@ def test_ddim_sample_matches_torch(model):
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no native bf16 (the refusal is tested)")
 def test_bf16_close_to_fp32(model):
     denoise = make(model, CPU, torch.bfloat16)
-    assert denoise.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    assert denoise.compiled(1).get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
     x, t = _inputs(4, 20)
     want = _torch_eps(model, x, t)
     got = denoise(x.to(torch.bfloat16), t)
@@ -123,4 +147,4 @@ def test_torch_threads_reach_the_engine(model):
         denoise = make(model, CPU, torch.float32)
     finally:
         torch.set_num_threads(before)
-    assert denoise.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert denoise.compiled(1).get_property("INFERENCE_NUM_THREADS") == 1

@@ -90,4 +90,4 @@ def test_openvino_takes_the_knob(model, restore_torch_threads, tmp_path, monkeyp
     monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path))
     torch.set_num_threads(2)
     denoise = make_denoiser(model, "openvino", CPU, torch.float32, threads=1)
-    assert denoise.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert denoise.compiled(1).get_property("INFERENCE_NUM_THREADS") == 1

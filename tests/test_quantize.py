@@ -51,10 +51,10 @@ def _on_trajectory(model, batch: int, seed: int):
     return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g), t
 
 
-def _int8_convolutions(denoise) -> int:
-    """How many convolutions the CPU plugin runs in int8 (u8/i8 activations)."""
+def _int8_convolutions(denoise, batch: int = 6) -> int:
+    """How many convolutions the CPU plugin runs in int8 (u8/i8 activations) at `batch`."""
     precisions = [str(op.get_rt_info()["runtimePrecision"].astype(str))
-                  for op in denoise.compiled.get_runtime_model().get_ops()
+                  for op in denoise.compiled(batch).get_runtime_model().get_ops()
                   if str(op.get_rt_info()["layerType"].astype(str)) == "Convolution"]
     assert precisions, "no convolutions in the runtime graph"
     return sum(p in ("u8", "i8") for p in precisions)
@@ -144,7 +144,7 @@ def test_sessions_keep_the_quantized_engine_apart(model):
     int8 = Sampler(model, backend="openvino", quantize="int8", device="cpu", threads=1).denoise
     assert int8 is not plain
     assert Sampler(model, backend="openvino", quantize="int8", device="cpu", threads=1).denoise is int8
-    assert int8.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert int8.compiled(1).get_property("INFERENCE_NUM_THREADS") == 1
 
 
 def test_auto_runs_an_engine_that_quantizes(model, monkeypatch):
