@@ -1,15 +1,17 @@
 """How close to this CPU's own limit does an ε forward run? Issue 14's speed targets are ratios
 over diffusers; this puts a ceiling on them.
 
-The CIFAR-10 U-Net's FLOPs at batch 1 (torch.utils.flop_counter: 2 per multiply-add, the
+A model's FLOPs at one batch size (the CIFAR-10 U-Net at batch 1 unless told; the bundled
+digits model with `--model digits`; torch.utils.flop_counter: 2 per multiply-add, the
 convolutions and matmuls) over the median time of one forward of each engine — diffusers'
 UNet2DModel in fp32 (the targets' peer, the same weights), fastddpm's openvino backend in f32,
 bf16 and `--quantize int8` — against the FLOP rate of a large matrix product in torch (fp32 and
 bf16: oneDNN/MKL's GEMM, as close to the CPU's peak as a library gets). One thread, and the
 engines take turns one call each per round, so load from elsewhere on a shared machine slows
-them alike. Random weights: speed only.
+them alike. The CIFAR-10 U-Net has random weights: speed only.
 
     python benchmarks/cpu_roofline.py --out benchmarks/results/cpu-20261205/roofline
+    python benchmarks/cpu_roofline.py --model digits --batch 64 --threads 2 --out STEM
 """
 from __future__ import annotations
 
@@ -21,10 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_sampler import _diffusers_same_weights, cpu_facts  # this folder's
+from bench_sampler import _cpu_model, _diffusers_same_weights, cpu_facts  # this folder's
 
 from fastddpm.model import DiffusionModel
-from fastddpm.unet import CONFIGS
 
 GEMM_N = 2048
 
@@ -50,8 +51,8 @@ def forward_flops(model: DiffusionModel, x: torch.Tensor, t: torch.Tensor) -> in
     return counter.get_total_flops()
 
 
-def engines(model: DiffusionModel) -> dict:
-    """name → denoise(x, t) on one thread."""
+def engines(model: DiffusionModel, threads: int) -> dict:
+    """name → denoise(x, t) on `threads` threads."""
     from fastddpm.export.openvino import make
 
     unet = _diffusers_same_weights(model, f"{tempfile.mkdtemp(prefix='roofline-')}/model").unet
@@ -62,12 +63,12 @@ def engines(model: DiffusionModel) -> dict:
 
     cpu = torch.device("cpu")
     found = {"diffusers fp32": diffusers,
-             "openvino f32": make(model, cpu, torch.float32, threads=1)}
+             "openvino f32": make(model, cpu, torch.float32, threads=threads)}
     for name, dtype, quantize in (("openvino bf16", torch.bfloat16, None),
                                   ("openvino int8", torch.float32, "int8"),
                                   ("openvino int8+bf16", torch.bfloat16, "int8")):
         try:
-            found[name] = make(model, cpu, dtype, threads=1, quantize=quantize)
+            found[name] = make(model, cpu, dtype, threads=threads, quantize=quantize)
         except Exception as e:  # noqa: BLE001 — a CPU without bf16, no nncf: say so, time the rest
             print(f"{name}: skipped ({e})", flush=True)
     return found
@@ -75,16 +76,20 @@ def engines(model: DiffusionModel) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("cifar10", "digits"), default="cifar10")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="every engine's and the GEMM's")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", required=True, help="path stem: writes STEM.json and STEM.md")
     args = p.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = DiffusionModel.create(CONFIGS["cifar10"])
+    torch.set_num_threads(args.threads)
+    model = _cpu_model(args.model)
     model.unet.eval()
-    x, t = torch.randn(1, 3, 32, 32), torch.tensor([500])
+    cfg = model.config
+    x = torch.randn(args.batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+    t = torch.full((args.batch,), model.schedule.config.num_timesteps // 2)
     flops = forward_flops(model, x, t)
-    found = engines(model)
+    found = engines(model, args.threads)
     times: dict[str, list[float]] = {name: [] for name in found}
     for denoise in found.values():
         denoise(x, t)
@@ -100,7 +105,8 @@ def main() -> None:
         ms = 1e3 * statistics.median(calls)
         rows.append({"engine": name, "ms": round(ms, 2), "gflops": round(flops / ms / 1e6, 1),
                      "of_fp32_gemm": round(flops / ms * 1e3 / peaks["fp32"], 3)})
-    result = {**cpu_facts(), "flops": flops, "threads": 1, "rounds": args.rounds,
+    result = {**cpu_facts(), "model": args.model, "batch": args.batch, "flops": flops,
+              "threads": args.threads, "rounds": args.rounds,
               "gemm_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()}, "results": rows}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -110,8 +116,12 @@ def main() -> None:
 
 def table(result: dict) -> str:
     gemm = result["gemm_gflops"]
-    lines = [f"CIFAR-10 U-Net, batch 1: {result['flops'] / 1e9:.2f} GFLOP a forward. {result['cpu']}, "
-             f"1 thread; a {GEMM_N}² matrix product in torch: {gemm['fp32']} GFLOP/s fp32, "
+    names = {"cifar10": "CIFAR-10 U-Net", "digits": "the bundled digits model"}
+    model = names[result.get("model", "cifar10")]  # results before --model were CIFAR-10's
+    threads = result["threads"]
+    lines = [f"{model}, batch {result.get('batch', 1)}: {result['flops'] / 1e9:.2f} GFLOP a forward. "
+             f"{result['cpu']}, {threads} thread{'s' * (threads > 1)}; a {GEMM_N}² matrix product "
+             f"in torch: {gemm['fp32']} GFLOP/s fp32, "
              f"{gemm['bf16']} bf16. Median of {result['rounds']} rounds, {result['date']}.", "",
              "| engine | ms | GFLOP/s | of the fp32 GEMM rate | × diffusers |", "|---|---:|---:|---:|---:|"]
     base = next(r["ms"] for r in result["results"] if r["engine"] == "diffusers fp32")
