@@ -31,7 +31,9 @@ instead; what it leaves unquantized runs at --dtype's precision.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import sys
 import warnings
 from collections import OrderedDict
 
@@ -68,6 +70,19 @@ def compile_config(core, dtype: torch.dtype, threads: int) -> dict[str, object]:
             "INFERENCE_NUM_THREADS": threads}
 
 
+@contextlib.contextmanager
+def argv_without_verbose():
+    """sys.argv without `--verbose` for the duration: OpenVINO's converter reads that flag from
+    the command line (there it is fastddpm's) and then prints its arguments and timings to stdout,
+    which is the command's, and traces Python's allocations all through the conversion."""
+    argv = sys.argv
+    sys.argv = [a for a in argv if a != "--verbose"]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
 def convert(model: DiffusionModel):
     """The ε graph as an openvino.Model with a dynamic batch, and the torch copy whose weights
     it shares (it must outlive the compiled model)."""
@@ -78,7 +93,7 @@ def convert(model: DiffusionModel):
     example = (torch.randn(2, *shape), torch.zeros(2, dtype=torch.int64))
     # the converter traces with torch.jit: its deprecation notice and the tracer's note on
     # GroupNorm's batch-size check (a shape check, not data flow) are noise to a user
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), argv_without_verbose():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=DeprecationWarning)
         graph = ov.convert_model(unet, example_input=example,

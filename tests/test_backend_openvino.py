@@ -1,7 +1,9 @@
 """The openvino ε backend: ε and a whole DDIM sample against torch fp32, any batch (each size
-compiled once, static, the last few kept), bf16
-where the CPU has it (its one-line refusal where not), CUDA refused in one line, the entry
-point, and torch's thread count reaching the engine."""
+compiled once, static, the last few kept), bf16 where the CPU has it (its one-line refusal where
+not), CUDA refused in one line, the entry point, torch's thread count reaching the engine, and
+fastddpm's --verbose kept from the converter."""
+import sys
+
 import pytest
 import torch
 
@@ -72,6 +74,15 @@ def test_only_the_last_sizes_stay_compiled(model, monkeypatch):
     x, t = _inputs(1, 50)
     assert (denoise(x, t) - _torch_eps(model, x, t)).abs().max().item() < 1e-4
     assert list(denoise.requests) == [3, 1] and denoise.compiles == 4
+
+
+def test_our_verbose_flag_does_not_reach_the_converter(model, monkeypatch, capsys):
+    """OpenVINO's converter reads `--verbose` off the command line and prints to stdout."""
+    argv = ["fastddpm", "sample", "--verbose", "--out", "grid.png"]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    graph, _ = openvino.convert(model)
+    assert capsys.readouterr().out == ""
+    assert sys.argv == argv and graph.input("x").get_partial_shape().is_dynamic
 
 
 def test_result_outlives_the_next_call(denoise):
