@@ -21,6 +21,7 @@ from .kernels.noise import INIT_STREAM
 from .limits import check_request_fits
 from .model import DiffusionModel
 from .options import MAX_BATCH, SamplingOptions
+from .progress import progress_bar
 from .variance import split_output
 
 
@@ -199,14 +200,8 @@ def draw(runner: Sampler, seed: int, batches: list[tuple[int, int]],
          progress: bool = False) -> torch.Tensor:
     """The samples of stream `seed` in `batches` ((first, size) pairs) by `runner`: a float32
     CPU tensor (Σ size, C, H, W) in [−1, 1]."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches) * runner.table.num_steps, unit="step", desc="sampling")
-    on_progress = (lambda i: bar.update(1)) if bar is not None else None
-    out = [runner.run(seed, first, n, on_progress=on_progress).float().clamp(-1.0, 1.0).cpu()
-           for first, n in batches]
-    if bar is not None:
-        bar.close()
+    with progress_bar(progress, total=len(batches) * runner.table.num_steps, unit="step",
+                      desc="sampling") as update:
+        out = [runner.run(seed, first, n, on_progress=lambda i: update(1)).float().clamp(-1.0, 1.0).cpu()
+               for first, n in batches]
     return torch.cat(out)

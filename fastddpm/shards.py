@@ -36,6 +36,7 @@ from .files import atomic_write
 from .limits import check_fits
 from .model import DiffusionModel
 from .options import SamplingOptions
+from .progress import progress_bar
 from .runtime import Sampler
 
 MANIFEST = "manifest.json"
@@ -168,13 +169,8 @@ def sample_to(out: str | Path, model: DiffusionModel, num: int, seed: int,
     shards = options.batches(num)
     finished = sum(n for k, (_, n) in enumerate(shards) if _shard_path(folder, k).is_file())
     todo = [s for s in my_shards(num, options, ctx) if not _shard_path(folder, s[0]).is_file()]
-    bar = None
-    if progress and ctx.main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num, initial=finished, unit="img", desc=f"sampling on {ctx.world} ranks")
-        if finished:
-            print(f"resuming: {finished} of {num} images already drawn in {folder}", file=sys.stderr)
+    if progress and ctx.main and finished:
+        print(f"resuming: {finished} of {num} images already drawn in {folder}", file=sys.stderr)
     runner = Sampler(model, options)
 
     def draw_shard(shard: tuple[int, int, int]) -> int:
@@ -185,9 +181,9 @@ def sample_to(out: str | Path, model: DiffusionModel, num: int, seed: int,
                 np.save(f, arr, allow_pickle=False)
         return n
 
-    drawn = in_rounds(todo, ctx, draw_shard, bar.update if bar is not None else lambda n: None)
-    if bar is not None:
-        bar.close()
+    with progress_bar(progress and ctx.main, total=num, initial=finished, unit="img",
+                      desc=f"sampling on {ctx.world} ranks") as update:
+        drawn = in_rounds(todo, ctx, draw_shard, update)
     ctx.barrier()  # every shard is on disk
     if ctx.main:
         images.save_uint8(_join(folder, shards, runner.image_shape), out)
