@@ -136,8 +136,10 @@ class OpenVINODenoiser:
         if batch in self.requests:
             self.requests.move_to_end(batch)
             return self.requests[batch]
+        # the image's dimensions as ints: OpenVINO 2024.0's PartialShape takes no slice
+        image = [d.get_length() for d in list(self.graph.input("x").get_partial_shape())[1:]]
         graph = self.graph.clone()
-        graph.reshape({"x": [batch, *self.graph.input("x").get_partial_shape()[1:]], "t": [batch]})
+        graph.reshape({"x": [batch, *image], "t": [batch]})
         self.requests[batch] = self.core.compile_model(graph, "CPU", self.config).create_infer_request()
         self.compiles += 1
         while len(self.requests) > SHAPES_KEPT:
