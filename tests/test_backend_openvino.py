@@ -11,11 +11,12 @@ ov = pytest.importorskip("openvino", reason="the openvino extra is not installed
 
 from tiny import perturbed_engine_model  # noqa: E402
 
+from fastddpm import sessions  # noqa: E402
 from fastddpm.backends import backend_names, get_backend  # noqa: E402
 from fastddpm.errors import UserError  # noqa: E402
 from fastddpm.export import openvino  # noqa: E402
 from fastddpm.export.openvino import OPENVINO, make  # noqa: E402
-from fastddpm.runtime import sample  # noqa: E402
+from fastddpm.runtime import Sampler, sample  # noqa: E402
 
 CPU = torch.device("cpu")
 HAS_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -63,6 +64,16 @@ def test_each_batch_size_is_compiled_once_with_its_shape_fixed(model):
     shape = denoise.compiled(3).input("x").get_partial_shape()
     assert shape.is_static and list(shape.to_shape()) == [3, 3, 8, 8]
     assert denoise.compiles == 2  # asking for a kept size's compiled model compiles nothing
+
+
+def test_a_second_sample_call_compiles_nothing(model):
+    sessions.clear()  # the engine of this call, not one an earlier test left
+    kwargs = dict(num=3, steps=2, sampler="ddim", device="cpu", backend="openvino")
+    sample(model, seed=1, **kwargs)
+    denoise = Sampler(model, sampler="ddim", steps=2, device="cpu", backend="openvino").denoise
+    assert isinstance(denoise, openvino.OpenVINODenoiser) and denoise.compiles == 1
+    sample(model, seed=2, **kwargs)
+    assert denoise.compiles == 1 and list(denoise.requests) == [3]
 
 
 def test_only_the_last_sizes_stay_compiled(model, monkeypatch):
