@@ -19,6 +19,7 @@ from .errors import UserError
 from .inception import Inception
 from .limits import check_fits
 from .options import SamplingOptions
+from .progress import progress_bar
 from .shards import draw, in_rounds, model_hash
 
 DEFAULT_NUM = 50_000  # the paper's (and every FID table's) sample count
@@ -76,15 +77,9 @@ def measure(args: argparse.Namespace, options: SamplingOptions, ctx: Distributed
             logits.append(lg.cpu())
         return n
 
-    bar = None
-    if ctx.main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num, unit="img", desc=f"Inception features on {ctx.world} rank(s)")
-    in_rounds(chunks[ctx.rank::ctx.world], ctx, measure_chunk,
-              bar.update if bar is not None else lambda n: None)
-    if bar is not None:
-        bar.close()
+    with progress_bar(ctx.main, total=num, unit="img",
+                      desc=f"Inception features on {ctx.world} rank(s)") as update:
+        in_rounds(chunks[ctx.rank::ctx.world], ctx, measure_chunk, update)
     sums.reduce(ctx)
     all_logits = fid.gather_in_order(logits, chunks, ctx) if args.isc else None
     if not ctx.main:

@@ -31,6 +31,7 @@ from .kernels.noise import FORWARD_STREAM, gaussian
 from .limits import check_fits, request_bytes
 from .model import DiffusionModel
 from .prediction import epsilon_denoiser
+from .progress import progress_bar
 from .schedule import Schedule
 from .variance import LEARNED, learned_sigma
 
@@ -180,18 +181,11 @@ def bits_per_dim(model: DiffusionModel, images: torch.Tensor, seed: int = 0,
     clip = model.sampling.clip_range if model.sampling.clip else None
     x0 = quantize(images.to(dev, torch.float64))
     terms = torch.empty(len(x0) * num_t, dtype=torch.float64, device=dev)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(terms), unit="term", desc="bits/dim")
-    for start in range(0, len(terms), batch_size):
-        row = torch.arange(start, min(start + batch_size, len(terms)), device=dev)
-        image, t = row // num_t, row % num_t
-        noise = gaussian(seed, image, t.view(-1, 1), tuple(x0.shape[1:]), FORWARD_STREAM)
-        terms[row] = bound_terms(denoise, schedule, model.sampling.variance, clip, x0[image], t, noise)
-        if bar is not None:
-            bar.update(len(row))
-    if bar is not None:
-        bar.close()
+    with progress_bar(progress, total=len(terms), unit="term", desc="bits/dim") as update:
+        for start in range(0, len(terms), batch_size):
+            row = torch.arange(start, min(start + batch_size, len(terms)), device=dev)
+            image, t = row // num_t, row % num_t
+            noise = gaussian(seed, image, t.view(-1, 1), tuple(x0.shape[1:]), FORWARD_STREAM)
+            terms[row] = bound_terms(denoise, schedule, model.sampling.variance, clip, x0[image], t, noise)
+            update(len(row))
     return Bound(prior_bits(schedule, x0).cpu(), terms.view(len(x0), num_t).cpu())

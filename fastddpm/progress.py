@@ -1,8 +1,9 @@
-"""The sampling progress bar (tqdm, on stderr), sharing its line with nothing else.
+"""Progress bars (tqdm, on stderr) that share their line with nothing else: sampling's, the
+Inception features' and the likelihood bound's.
 
-An engine is built, and `--backend auto` picks one, inside the first step, while the bar is up;
-so is an error raised there. Without care a log line (`--verbose`, or the int8 calibration's
-warning) and the one-line error message would start at the end of the bar's line.
+An engine is built, and `--backend auto` picks one, inside the first sampling step, while the bar
+is up; so is an error raised there. Without care a log line (`--verbose`, or the int8
+calibration's warning) and the one-line error message would start at the end of the bar's line.
 """
 from __future__ import annotations
 
