@@ -25,7 +25,9 @@ Threads: INFERENCE_NUM_THREADS is the sampler's `threads` (SamplingOptions.threa
 default: the threads torch uses), the one threads knob whichever backend computes ε.
 
 Precision: the engine's I/O is always f32; --dtype picks INFERENCE_PRECISION_HINT (f32, bf16,
-f16), refused in one line where the CPU has no native support for it. x comes in the sampler's
+f16), refused in one line where the CPU has no native support for it. In bf16 the plugin runs a
+GroupNormalization node unfused, so a bf16 compile gets each rewritten as the MVN it is (see
+`groupnorms_as_mvn`). x comes in the sampler's
 dtype and ε goes back in it. `--quantize int8` compiles the int8 graph of fastddpm.export.quantize
 instead; what it leaves unquantized runs at --dtype's precision.
 """
@@ -81,6 +83,44 @@ def argv_without_verbose():
         yield
     finally:
         sys.argv = argv
+
+
+def _opset():
+    """OpenVINO's op builders: a top-level module since 2025, under openvino.runtime before."""
+    try:
+        import openvino.opset13 as ops
+    except ImportError:  # OpenVINO 2024.x, pyproject's floor
+        import openvino.runtime.opset13 as ops
+    return ops
+
+
+def groupnorms_as_mvn(graph) -> int:
+    """Rewrite each GroupNormalization of `graph`, in place, as what it computes — the input
+    reshaped to (N, groups, rest), MVN over the last axis, reshaped back, scaled and shifted per
+    channel — and return how many. Why: in bf16 the CPU plugin runs a GroupNormalization node as
+    separate unfused steps, while it fuses an MVN with its neighbours (one ε forward of the bundled
+    model, batch 64, bf16, 2 threads of an AMD EPYC, interleaved: 15.7 against 20.8 ms; f32 runs
+    its own GroupNormalization faster, 20.1 against 21.1 rewritten, so f32 graphs keep it)."""
+    ops = _opset()
+    count = 0
+    for node in graph.get_ordered_ops():
+        if node.get_type_name() != "GroupNormalization":
+            continue
+        x, weight, bias = (node.input_value(i) for i in range(3))
+        attrs = node.get_attributes()
+        grouped = ops.reshape(x, ops.constant(np.array([0, attrs["num_groups"], -1], np.int64)),
+                              special_zero=True)
+        normed = ops.mvn(grouped, ops.constant(np.array([2], np.int64)), normalize_variance=True,
+                         eps=attrs["epsilon"], eps_mode="inside_sqrt")
+        h = ops.reshape(normed, ops.shape_of(x), special_zero=False)
+        spatial = x.get_partial_shape().rank.get_length() - 2
+        per_channel = ops.constant(np.array([1, -1] + [1] * spatial, np.int64))
+        out = ops.add(ops.multiply(h, ops.reshape(weight, per_channel, special_zero=False)),
+                      ops.reshape(bias, per_channel, special_zero=False))
+        node.output(0).replace(out.output(0))
+        count += 1
+    graph.validate_nodes_and_infer_types()
+    return count
 
 
 def convert(model: DiffusionModel):
@@ -140,6 +180,8 @@ class OpenVINODenoiser:
         image = [d.get_length() for d in list(self.graph.input("x").get_partial_shape())[1:]]
         graph = self.graph.clone()
         graph.reshape({"x": [batch, *image], "t": [batch]})
+        if self.config["INFERENCE_PRECISION_HINT"] == "bf16":
+            groupnorms_as_mvn(graph)
         self.requests[batch] = self.core.compile_model(graph, "CPU", self.config).create_infer_request()
         self.compiles += 1
         while len(self.requests) > SHAPES_KEPT:

@@ -116,12 +116,41 @@ def test_ddim_sample_matches_torch(model):
 def test_bf16_close_to_fp32(model):
     denoise = make(model, CPU, torch.bfloat16)
     assert denoise.compiled(1).get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+    assert "GroupNormalization" in _types(denoise.graph)  # the kept graph is left as it was
     x, t = _inputs(4, 20)
     want = _torch_eps(model, x, t)
     got = denoise(x.to(torch.bfloat16), t)
     assert got.dtype == torch.bfloat16
     scale = want.abs().max().item()
     assert (got.float() - want).abs().max().item() < 0.15 * max(scale, 1.0)
+
+
+def _types(graph) -> set[str]:
+    return {node.get_type_name() for node in graph.get_ordered_ops()}
+
+
+def test_groupnorms_rewritten_as_mvn_compute_the_same(model):
+    """Compiled in f32, the rewritten graph gives torch's ε to fp32 rounding (a wrong group
+    split, axis, eps placement or affine would not)."""
+    graph, _ = openvino.convert(model)
+    norms = sum(1 for m in model.unet.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert norms > 0 and "GroupNormalization" in _types(graph)
+    assert openvino.groupnorms_as_mvn(graph) == norms
+    assert "GroupNormalization" not in _types(graph) and "MVN" in _types(graph)
+    x, t = _inputs(3, 30)
+    request = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    got = torch.from_numpy(request.infer({"x": x.numpy(), "t": t.numpy()})[0])
+    assert (got - _torch_eps(model, x, t)).abs().max().item() < 1e-4
+
+
+def test_only_bf16_compiles_rewrite_the_groupnorms(model, monkeypatch):
+    rewritten = []
+    monkeypatch.setattr(openvino, "groupnorms_as_mvn", lambda graph: rewritten.append(graph) or 0)
+    make(model, CPU, torch.float32).compiled(2)
+    assert rewritten == []
+    if HAS_BF16:
+        make(model, CPU, torch.bfloat16).compiled(2)
+        assert len(rewritten) == 1
 
 
 @pytest.mark.skipif(HAS_BF16, reason="this CPU has native bf16 (its accuracy is tested)")
