@@ -218,4 +218,4 @@ def make(model: DiffusionModel, device: torch.device, dtype: torch.dtype,
     return OpenVINODenoiser(core, graph, config, keep)
 
 
-OPENVINO = Backend("openvino", make, quantizations=QUANTIZATIONS)
+OPENVINO = Backend("openvino", make, quantizations=QUANTIZATIONS, bf16_when_auto=True)

@@ -40,7 +40,7 @@ from .backends import (
     resolve_device,
     resolve_threads,
 )
-from .dtypes import QUANTIZATIONS, dtype_name, torch_dtype
+from .dtypes import QUANTIZATIONS, dtype_name
 from .errors import UserError
 from .sessions import model_hash
 
@@ -180,7 +180,7 @@ def engine_for(model, options, batch: int) -> str:
     device = resolve_device(options.device)
     if device.type == "cuda":
         return "torch"
-    auto = AutoDenoiser(model, device, torch_dtype(options.dtype), resolve_threads(options.threads),
+    auto = AutoDenoiser(model, device, options.torch_dtype(device), resolve_threads(options.threads),
                         options.quantize)
     cfg = model.config
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size).to(auto.dtype)
@@ -221,4 +221,4 @@ def make(model, device: torch.device, dtype: torch.dtype, threads: int | None = 
 
 
 # graph_capturable: on CUDA it is the torch backend's ε; quantizations: its CPU candidates'
-AUTO = Backend("auto", make, graph_capturable=True, quantizations=QUANTIZATIONS)
+AUTO = Backend("auto", make, graph_capturable=True, quantizations=QUANTIZATIONS, bf16_when_auto=True)

@@ -15,7 +15,6 @@ import torch
 
 from . import kernels, sessions
 from .backends import get_backend, resolve_device, resolve_threads
-from .dtypes import torch_dtype
 from .errors import UserError
 from .kernels.noise import INIT_STREAM
 from .limits import check_request_fits
@@ -65,7 +64,7 @@ class Sampler:
         self.model = model
         self.table = model.table(options, start)
         self.device = resolve_device(options.device)
-        self.dtype = torch_dtype(options.dtype)
+        self.dtype = options.torch_dtype(self.device)
         cfg = model.config
         self.image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
         # kept for the process (fastddpm.sessions): a second Sampler of the same model, backend,

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from . import autoselect, images
+from .backends import resolve_device
 from .digest import state_digest
 from .distributed import Distributed
+from .dtypes import dtype_name
 from .errors import UserError
 from .files import atomic_write
 from .limits import check_fits
@@ -127,9 +129,14 @@ def draw(runner: Sampler, seed: int, first: int, n: int) -> np.ndarray:
 
 def _one_engine(model: DiffusionModel, options: SamplingOptions, ctx: Distributed,
                 batch: int) -> SamplingOptions:
-    """`options` with `auto` replaced by the engine rank 0 picks for the job's batches: left to
-    itself each rank would time and pick its own, and engines agree only to ~1e-4, not in bytes.
-    The name goes into the job's identity, so a re-run never mixes two engines' shards."""
+    """`options` with an `auto` dtype replaced by rank 0's (ranks on CPUs with and without native
+    bf16 would otherwise differ) and an `auto` backend by the engine rank 0 picks for the job's
+    batches: left to itself each rank would time and pick its own, and engines agree only to
+    ~1e-4, not in bytes. Both go into the job's identity, so a re-run never mixes two engines' or
+    two dtypes' shards."""
+    if options.dtype == "auto":
+        name = dtype_name(options.torch_dtype(resolve_device(options.device))) if ctx.main else None
+        options = options.replace(dtype=ctx.broadcast_from_main(name))
     if options.backend != "auto":
         return options
     name = autoselect.engine_for(model, options, batch) if ctx.main else None

@@ -12,7 +12,7 @@ from fastddpm.backends import Backend, _registry, get_backend, register_backend
 from fastddpm.cli import main
 from fastddpm.runtime import Sampler, sample
 
-DDIM20 = dict(sampler="ddim", steps=20, spacing="leading", device="cpu")
+DDIM20 = dict(sampler="ddim", steps=20, spacing="leading", device="cpu", dtype="fp32")  # fp32 fakes
 
 
 @pytest.fixture(autouse=True)
@@ -123,8 +123,8 @@ def test_on_cuda_it_is_torch_captured(monkeypatch):
 def test_verbose_and_bench_name_the_engine(fakes, tmp_path, capsys, tiny_model_file):
     out = tmp_path / "x.png"
     assert main(["sample", "--model", str(tiny_model_file), "--num", "2", "--sampler", "ddim",
-                 "--steps", "2", "--device", "cpu", "--out", str(out), "--verbose",
-                 "--no-progress"]) == 0
+                 "--steps", "2", "--device", "cpu", "--dtype", "fp32", "--out", str(out),
+                 "--verbose", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "for batch 2 in fp32" in err and "ε ms: test-other" in err and out.exists()
     assert main(["sample", "--model", str(tiny_model_file), "--num", "2", "--sampler", "ddim",
@@ -132,7 +132,7 @@ def test_verbose_and_bench_name_the_engine(fakes, tmp_path, capsys, tiny_model_f
                  "--no-progress", "--backend", "torch"]) == 0
     assert "engine: torch (asked for" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_model_file), "--device", "cpu", "--sampler", "ddim",
-                 "--steps", "2", "--batch-size", "2", "--repeats", "1"]) == 0
+                 "--steps", "2", "--batch-size", "2", "--repeats", "1", "--dtype", "fp32"]) == 0
     assert "auto → t" in capsys.readouterr().out  # torch or test-other
 
 

@@ -55,7 +55,7 @@ def test_time_sampler_is_the_median_of_the_timed_runs_of_the_real_sampler(monkey
     """A fake clock that moves only when a run ends: the warm-up's 100 s must not count, and
     the median of the five timed runs (5, 1, 3, 2, 10) is 3 exactly (their mean: 4.2)."""
     model = tiny_model(TINY, ScheduleConfig("linear", 20))
-    sampler = Sampler(model, sampler="ddim", steps=4, device="cpu")
+    sampler = Sampler(model, sampler="ddim", steps=4, device="cpu", dtype="fp32")
     durations = iter([100.0, 5.0, 1.0, 3.0, 2.0, 10.0])
     now = [0.0]
     runs = []
@@ -76,7 +76,7 @@ def test_time_sampler_is_the_median_of_the_timed_runs_of_the_real_sampler(monkey
     assert [args for args, _ in runs] == [(0, 0, 3)] + [(r, 0, 3) for r in range(5)]
     # each run is the whole chain `sample` draws with these options
     for (seed, _, _), out in runs[1:3]:
-        want = sample(model, num=3, seed=seed, sampler="ddim", steps=4, device="cpu")
+        want = sample(model, num=3, seed=seed, sampler="ddim", steps=4, device="cpu", dtype="fp32")
         torch.testing.assert_close(out.clamp(-1, 1), want, rtol=0, atol=0)
 
 

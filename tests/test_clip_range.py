@@ -104,7 +104,7 @@ def test_step_graph_x0_output_and_ring_are_x0(clipped_model, tmp_path):
     export_onnx(clipped_model, tmp_path / "step.onnx", OnnxOptions(what="step", sampling=sampling,
                                                                    opset=18), log=None)
     graph = OrtRunner(tmp_path / "step.onnx")
-    runner = Sampler(clipped_model, sampling, device="cpu")
+    runner = Sampler(clipped_model, sampling, device="cpu", dtype="fp32")
     assert runner.table.history > 0 and runner.table.history_kind == "x0"
     x0s = []
 

@@ -53,7 +53,7 @@ def test_exported_backends_sample_like_torch(exported, backend):
     if backend == "openvino":
         pytest.importorskip("openvino", reason="the openvino extra is not installed")
     model, _ = exported
-    kwargs = dict(num=2, steps=STEPS, sampler="ddpm", seed=4, device="cpu")
+    kwargs = dict(num=2, steps=STEPS, sampler="ddpm", seed=4, device="cpu", dtype="fp32")
     got = fastddpm.sample(model, backend=backend, **kwargs)
     torch.testing.assert_close(got, fastddpm.sample(model, backend="torch", **kwargs),
                                rtol=1e-4, atol=1e-4)

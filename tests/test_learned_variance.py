@@ -169,7 +169,8 @@ def test_runtime_equals_hand_written_loop(variance, sampler):
     noise = torch.stack([gaussian(seed, index, 0, (2, 8, 8), INIT_STREAM)]
                         + [gaussian(seed, index, i, (2, 8, 8), STEP_STREAM) for i in range(steps)])
     want = reference_loop(model, table, noise, read_w=sampler == "ddpm")
-    got = fastddpm.sample(model, num=num, steps=steps, sampler=sampler, eta=eta, seed=seed, device="cpu")
+    got = fastddpm.sample(model, num=num, steps=steps, sampler=sampler, eta=eta, seed=seed, device="cpu",
+                          dtype="fp32")
     assert got.shape == (num, 2, 8, 8) and bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, want.clamp(-1, 1), rtol=1e-5, atol=1e-5)
     if sampler == "ddpm":  # w mattered: σ_row alone ends elsewhere

@@ -26,7 +26,7 @@ def test_reconstruct_equals_the_chain_written_out(model):
     x0 = torch.rand(2, 1, 8, 8) * 2 - 1
     t, seed = 37, 4
     got = paper.reconstruct(model, x0, t, steps=10, sampler="ddim", spacing="leading", seed=seed,
-                            device="cpu")
+                            device="cpu", dtype="fp32")
     table = model.table(start=t, sampler="ddim", steps=10, spacing="leading")
     assert table.timesteps.tolist() == [30, 20, 10, 0]  # 'leading' steps visited at or below 37
     ac = model.schedule.alphas_cumprod[30].item()

@@ -35,7 +35,8 @@ def test_loop_equals_hand_written_loop(model, sampler, eta):
             x, x0 = kernels.reverse_step_reference(x, eps, table.coef[i].float(), z, history, table.clip,
                                                    eps_history=eps_history)
             history = [eps if eps_history else x0, *history][:table.history]
-    got = sample(model, num=num, steps=steps, sampler=sampler, eta=eta, seed=seed, device="cpu")
+    got = sample(model, num=num, steps=steps, sampler=sampler, eta=eta, seed=seed, device="cpu",
+                 dtype="fp32")
     assert got.shape == (num, 2, 8, 8) and got.dtype == torch.float32
     torch.testing.assert_close(got, x.clamp(-1, 1), rtol=1e-5, atol=1e-5)
 
@@ -85,7 +86,7 @@ def test_x0_is_stored_only_where_it_is_read(model, sampler, history, monkeypatch
         return real(x, eps, coef, step, rng, ring, clip, **kw)
 
     monkeypatch.setattr(kernels, "reverse_step", recording)
-    runner = Sampler(model, sampler=sampler, steps=5, device="cpu")
+    runner = Sampler(model, sampler=sampler, steps=5, device="cpu", dtype="fp32")  # distinct sums
     plain = runner.run(seed=2, first=0, batch=2)
     assert seen == [(history, False)] * 5
     seen.clear()

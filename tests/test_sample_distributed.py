@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tiny import tiny_model
 
 from fastddpm import shards
 from fastddpm.checkpoint import load
 from fastddpm.cli import main
 from fastddpm.distributed import Distributed, rank_device
+from fastddpm.dtypes import dtype_name
 from fastddpm.errors import UserError
 from fastddpm.options import SamplingOptions
 
@@ -130,24 +132,29 @@ def test_a_damaged_shard_is_refused_when_joined(tmp_path):
         shards._join(tmp_path, [(0, 3), (3, 2)], (1, 8, 8))
 
 
-def test_every_rank_runs_the_engine_rank_0_picks(monkeypatch):
+def test_every_rank_runs_the_engine_and_dtype_rank_0_picks(monkeypatch):
     """Under `auto` each rank would time the engines and might pick another (engines agree to
-    ~1e-4, not in bytes): rank 0 picks, and the others run its pick without timing."""
+    ~1e-4, not in bytes), and an `auto` dtype is bf16 only on CPUs with native bf16: rank 0
+    resolves both, and the others run its picks without timing or looking at their own CPU."""
     monkeypatch.setenv("FASTDDPM_AUTO_ENGINES", "torch,onnxruntime")  # two to choose between
     model = tiny_model()
     options = SamplingOptions(sampler="ddim", steps=2, device="cpu")
-    assert options.backend == "auto"
+    assert options.backend == "auto" and options.dtype == "auto"
     picked = shards._one_engine(model, options, Distributed(), BATCH)
     assert picked.backend in ("torch", "onnxruntime")
-    assert picked.replace(backend="auto") == options  # nothing else changed
+    assert picked.dtype == dtype_name(options.torch_dtype(torch.device("cpu")))
+    assert picked.replace(backend="auto", dtype="auto") == options  # nothing else changed
 
     def timing_on_rank_1(*args):
         raise AssertionError("rank 1 timed the engines itself")
 
     monkeypatch.setattr(shards.autoselect, "engine_for", timing_on_rank_1)
     rank_1 = Distributed(rank=1, world=2)
-    monkeypatch.setattr(rank_1, "broadcast_from_main", lambda obj: picked.backend)
-    assert shards._one_engine(model, options, rank_1, BATCH) == picked
-    # an engine named by the user is kept, on every rank, with no collective
-    named = options.replace(backend="torch")
+    sent = []
+    monkeypatch.setattr(rank_1, "broadcast_from_main", lambda obj: sent.append(obj) or (
+        "bf16" if len(sent) == 1 else picked.backend))
+    assert shards._one_engine(model, options, rank_1, BATCH) == picked.replace(dtype="bf16")
+    assert sent == [None, None]  # rank 1 resolved nothing itself
+    # a dtype and engine named by the user are kept, on every rank, with no collective
+    named = options.replace(backend="torch", dtype="fp32")
     assert shards._one_engine(model, named, rank_1, BATCH) is named

@@ -14,6 +14,7 @@ import torch
 
 from ..backends import backend_names
 from ..checkpoint import load
+from ..dtypes import dtype_name
 from ..errors import UserError
 from ..options import MAX_BATCH, SamplingOptions, add_sampling_arguments
 from ..runtime import Sampler
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         sampler = Sampler(model, run_options)
         device = sampler.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        result = {"backend": run_options.backend, "device": name, "dtype": run_options.dtype,
+        result = {"backend": run_options.backend, "device": name, "dtype": dtype_name(sampler.dtype),
                   "quantize": run_options.quantize, "sampler": run_options.sampler,
                   "torch": torch.__version__,
                   **time_sampler(sampler, batch, args.repeats)}
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(result))
         else:
             engine = f" → {result['engine']}" if "engine" in result else ""
-            precision = ", ".join(filter(None, (run_options.dtype, run_options.quantize)))
+            precision = ", ".join(filter(None, (result["dtype"], run_options.quantize)))
             print(f"{run_options.backend:>12}{engine} on {name} ({precision}): "
                   f"{result['images_per_s']:.2f} img/s, {result['ms_per_step']:.2f} ms/step "
                   f"(batch {batch}, {result['steps']} {run_options.sampler} steps, "

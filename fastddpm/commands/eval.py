@@ -92,7 +92,7 @@ def _bits_per_dim(args: argparse.Namespace, options: SamplingOptions) -> dict:
     if options != SamplingOptions(**execution) or args.grid is not None:
         raise UserError("the sampler's options and --grid are for sample metrics; --bpd runs all "
                         "T terms of the bound")
-    if options.backend not in ("torch", "auto") or options.dtype != "fp32" or options.quantize:
+    if options.backend not in ("torch", "auto") or options.dtype not in ("fp32", "auto") or options.quantize:
         raise UserError("--bpd runs the fp32 torch model (the bound is a float64 sum of "
                         "fp32 terms); drop --backend, --dtype and --quantize")
     model = load(args.model)
