@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastddpm.dtypes import DTYPES, QUANTIZATIONS
+from fastddpm.dtypes import DTYPES, QUANTIZATIONS, dtype_name
 from fastddpm.model import DiffusionModel
 from fastddpm.runtime import Sampler
 from fastddpm.unet import CONFIGS
@@ -100,10 +100,11 @@ def test_sampling_throughput(benchmark, case, impl):
 # --- the CPU engines side by side: `python benchmarks/bench_sampler.py cpu` ------------------
 #
 # Every CPU engine of fastddpm (torch, compile, onnxruntime, openvino; fp32 and bf16; openvino
-# int8; auto, the default) beside diffusers' DDIMPipeline (fp32 eager, the same weights through a diffusers
-# folder, the same DDIM steps, use_clipped_model_output=True), on the bundled model (batch 1, 64),
-# the CIFAR-10 U-Net with random weights (batch 1, 16) and, asked for with `--cases hub128-b1`
-# (seconds a step), diffusers' training example's 128² UNet2DModel (batch 1). Each measurement
+# int8; auto: the defaults, engine and dtype) beside diffusers' DDIMPipeline (fp32 eager, the
+# same weights through a diffusers folder, the same DDIM steps, use_clipped_model_output=True),
+# on the bundled model (batch 1, 64), the CIFAR-10 U-Net with random weights (batch 1, 16) and,
+# asked for with `--cases hub128-b1` (seconds a step), diffusers' training example's 128²
+# UNet2DModel (batch 1). Each measurement
 # runs in a process of its own, so no two engines' thread pools are alive at once: one warm-up
 # run (conversion, compilation, auto's pick), then `--repeats` runs of `--steps` DDIM steps;
 # per-step ms is the median run over the steps. Plus the cold start: a fresh `fastddpm sample
@@ -167,7 +168,8 @@ def measure_one(config_name: str, batch: int, impl: str, steps: int, repeats: in
 
     model = _cpu_model(config_name)
     backend, *rest = impl.split("-")
-    dtype = next((r for r in rest if r in DTYPES), "fp32")
+    # a named engine runs fp32 unless the name says otherwise; `auto` is the defaults, dtype too
+    dtype = next((r for r in rest if r in DTYPES), "auto" if backend == "auto" else "fp32")
     quantize = next((r for r in rest if r in QUANTIZATIONS), None)
     start = time.perf_counter()  # the first run's time includes building the engine
     if backend == "diffusers":
@@ -188,7 +190,7 @@ def measure_one(config_name: str, batch: int, impl: str, steps: int, repeats: in
     run(0)  # warm-up: conversion, export, compilation, auto's pick
     build_s = time.perf_counter() - start
     if backend == "auto":
-        engine = sampler.denoise.choices[batch]["engine"]
+        engine = f"{sampler.denoise.choices[batch]['engine']} {dtype_name(sampler.dtype)}"
     times = []
     for r in range(repeats):
         start = time.perf_counter()
