@@ -27,9 +27,9 @@ default: the threads torch uses), the one threads knob whichever backend compute
 Precision: the engine's I/O is always f32; --dtype picks INFERENCE_PRECISION_HINT (f32, bf16,
 f16), refused in one line where the CPU has no native support for it. In bf16 the plugin runs a
 GroupNormalization node unfused, so a bf16 compile gets each rewritten as the MVN it is (see
-`groupnorms_as_mvn`). x comes in the sampler's
-dtype and ε goes back in it. `--quantize int8` compiles the int8 graph of fastddpm.export.quantize
-instead; what it leaves unquantized runs at --dtype's precision.
+`groupnorms_as_mvn`). x comes in the sampler's dtype and ε goes back in it. `--quantize int8`
+compiles the int8 graph of fastddpm.export.quantize instead; what it leaves unquantized runs at
+--dtype's precision.
 """
 from __future__ import annotations
 

@@ -32,4 +32,3 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (x86's AVX512-BF16 or AMX), as torch's own
     cpuinfo check sees it."""
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-

@@ -15,6 +15,7 @@ import time
 from . import fid
 from .backends import resolve_device
 from .distributed import Distributed
+from .dtypes import dtype_name
 from .errors import UserError
 from .inception import Inception
 from .limits import check_fits
@@ -45,7 +46,8 @@ def _source(args: argparse.Namespace, options: SamplingOptions):
     model = load(args.model)
     runner = Sampler(model, options)
     about = {"model": args.model, "model_hash": model_hash(model), "seed": args.seed,
-             "sampler": options.sampler, "steps": runner.table.num_steps}
+             "sampler": options.sampler, "steps": runner.table.num_steps,
+             "dtype": dtype_name(runner.dtype)}  # what --dtype auto resolved to here
     return about, num, lambda first, n: draw(runner, args.seed, first, n)
 
 

@@ -211,5 +211,6 @@ def test_samples_drawn_on_the_fly_measure_as_the_same_samples_on_disk(tmp_path, 
     drawn = _eval(capsys, *common, "--model", str(tiny_model_file), "-n", "5", *sampling)
     assert drawn["fid"] == on_disk["fid"] and drawn["num"] == on_disk["num"] == 5
     assert (drawn["seed"], drawn["sampler"], drawn["steps"]) == (7, "ddim", 3)
+    assert drawn["dtype"] == "fp32"  # what --dtype auto is under the torch backend, on any CPU
     assert drawn["model_hash"] == shards.model_hash(load(str(tiny_model_file)))
 
