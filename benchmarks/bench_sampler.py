@@ -107,7 +107,10 @@ def test_sampling_throughput(benchmark, case, impl):
 # UNet2DModel (batch 1). Each measurement
 # runs in a process of its own, so no two engines' thread pools are alive at once: one warm-up
 # run (conversion, compilation, auto's pick), then `--repeats` runs of `--steps` DDIM steps;
-# per-step ms is the median run over the steps. Plus the cold start: a fresh `fastddpm sample
+# per-step ms is the median run over the steps. `--rounds R` runs every case's engines R times in
+# turn (diffusers, the engines, diffusers again, ...) so that a change in the shared machine's
+# load falls on neighbours alike: a row is then the median of its rounds, and its speed-up the
+# median of the per-round ratios to diffusers. Plus the cold start: a fresh `fastddpm sample
 # --sampler ddim --steps 20 --num 64` process to a written PNG, with the disk cache already warm
 # (one run before).
 
@@ -239,22 +242,44 @@ def cpu_facts() -> dict:
             "versions": versions, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
+def per_engine(runs: list[dict]) -> list[dict]:
+    """One row per (case, impl) from the rounds' runs: median ms/step, the fastest run's min, and
+    the speed-up as the median over rounds of diffusers' ms/step over the engine's in that round."""
+    import statistics
+
+    rows = []
+    for key in dict.fromkeys((r["case"], r["impl"]) for r in runs):
+        mine = [r for r in runs if (r["case"], r["impl"]) == key]
+        ok = [r for r in mine if "error" not in r]
+        if not ok:
+            rows.append(mine[-1])
+            continue
+        ref = {r["round"]: r["ms_per_step"] for r in runs
+               if (r["case"], r["impl"]) == (key[0], "diffusers") and "error" not in r}
+        ratios = [ref[r["round"]] / r["ms_per_step"] for r in ok if r["round"] in ref]
+        rows.append({**ok[-1], "rounds": len(ok),
+                     "ms_per_step": statistics.median(r["ms_per_step"] for r in ok),
+                     "ms_per_step_min": min(r["ms_per_step_min"] for r in ok),
+                     "first_run_s": statistics.median(r["first_run_s"] for r in ok),
+                     "speedup": statistics.median(ratios) if ratios else None})
+    return rows
+
+
 def _markdown(facts: dict, rows: list[dict], cold: dict | None, args) -> str:
     lines = [f"# CPU sampling: fastddpm's engines beside diffusers' DDIMPipeline ({facts['date']})", "",
              f"CPU: {facts['cpu']} ({facts['cores']} cores; AMX: {facts['amx']}, AVX512-BF16: "
              f"{facts['avx512_bf16']}). Versions: "
              + ", ".join(f"{k} {v}" for k, v in facts["versions"].items()) + ".",
              f"DDIM, {args.steps} steps a run, median of {args.repeats} runs after a warm-up run, each "
-             "engine in a process of its own. Speed-up: diffusers' ms/step over the engine's.", "",
+             f"engine in a process of its own, {args.rounds} round(s) of every engine in turn. Speed-up: "
+             "diffusers' ms/step over the engine's, the median of the rounds' ratios.", "",
              "| case | engine | ran | ms/step | min | speed-up vs diffusers | build + first run (s) |",
              "|---|---|---|---:|---:|---:|---:|"]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['case']} | {row['impl']} | refused: {row['error']} | | | | |")
             continue
-        ref = next((r for r in rows if r["case"] == row["case"] and r["impl"] == "diffusers"
-                    and "error" not in r), None)
-        ratio = f"{ref['ms_per_step'] / row['ms_per_step']:.2f}×" if ref else "–"
+        ratio = f"{row['speedup']:.2f}×" if row["speedup"] is not None else "–"
         lines.append(f"| {row['case']} | {row['impl']} | {row['engine']} | {row['ms_per_step']:.2f} | "
                      f"{row['ms_per_step_min']:.2f} | {ratio} | {row['first_run_s']:.1f} |")
     if cold is not None:
@@ -277,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = sub.add_parser("cpu", help="the whole side-by-side run")
     cpu.add_argument("--steps", type=int, default=4, help="DDIM steps a timed run (default 4)")
     cpu.add_argument("--repeats", type=int, default=5)
+    cpu.add_argument("--rounds", type=int, default=1, help="every case's engines in turn, R times")
     cpu.add_argument("--cases", default=",".join(c for c in CPU_CASES if c != "hub128-b1"))
     cpu.add_argument("--impls", default=",".join(CPU_IMPLS))
     cpu.add_argument("--no-cold-start", action="store_true")
@@ -292,25 +318,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or Path(__file__).parent / "results" / f"cpu-{stamp}")
-    rows = []
+    runs = []
     for case in args.cases.split(","):
-        for impl in args.impls.split(","):
-            done = subprocess.run([sys.executable, __file__, "one", case, impl, "--steps",
-                                   str(args.steps), "--repeats", str(args.repeats)],
-                                  capture_output=True, text=True)
-            if done.returncode == 0:
-                row = {"case": case, "impl": impl, **json.loads(done.stdout.strip().splitlines()[-1])}
-            else:  # an engine this machine cannot run (bf16 without native support, ...)
-                tail = done.stderr.strip().splitlines()
-                row = {"case": case, "impl": impl, "error": tail[-1][:200] if tail else "failed"}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for round_ in range(args.rounds):
+            for impl in args.impls.split(","):
+                done = subprocess.run([sys.executable, __file__, "one", case, impl, "--steps",
+                                       str(args.steps), "--repeats", str(args.repeats)],
+                                      capture_output=True, text=True)
+                run = {"case": case, "impl": impl, "round": round_}
+                if done.returncode == 0:
+                    run.update(json.loads(done.stdout.strip().splitlines()[-1]))
+                else:  # an engine this machine cannot run (bf16 without native support, ...)
+                    tail = done.stderr.strip().splitlines()
+                    run["error"] = tail[-1][:200] if tail else "failed"
+                runs.append(run)
+                print(json.dumps(run), flush=True)
+    rows = per_engine(runs)
     with tempfile.TemporaryDirectory() as tmp:
         cold = None if args.no_cold_start else cold_start(tmp)
     facts = cpu_facts()
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({**facts, "steps": args.steps, "repeats": args.repeats,
-                                                   "rows": rows, "cold_start": cold}, indent=2) + "\n")
+                                                   "rounds": args.rounds, "rows": rows, "runs": runs,
+                                                   "cold_start": cold}, indent=2) + "\n")
     (out / "README.md").write_text(_markdown(facts, rows, cold, args))
     print(f"wrote {out}/results.json and README.md")
     return 0

@@ -152,3 +152,29 @@ def test_benchmark_summary_reports_speedups_over_the_peer():
     lines = summarize.table(benches).splitlines()
     assert lines[2].startswith("| k-fused | fused | 0.5 | 4 |")
     assert lines[-1].startswith("| lone | fused | 1 |  |")
+
+
+def test_cpu_rounds_report_the_median_of_per_round_speedups():
+    """benchmarks/bench_sampler.py cpu --rounds: a row is the median of its rounds, and its
+    speed-up the median of each round's ratio to diffusers (here 4×, where the ratio of the
+    medians would say 2×); an engine refused in every round keeps its one-line reason."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_sampler.py"
+    spec = importlib.util.spec_from_file_location("bench_sampler", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(impl, round_, ms):
+        return {"case": "c", "impl": impl, "round": round_, "ms_per_step": ms, "ms_per_step_min": ms - 1,
+                "first_run_s": round_ + 1.0, "engine": impl}
+
+    runs = [run("diffusers", 0, 10.0), run("ov", 0, 10.0), run("diffusers", 1, 100.0), run("ov", 1, 25.0),
+            run("diffusers", 2, 20.0), run("ov", 2, 5.0),
+            *({"case": "c", "impl": "ort-bf16", "round": r, "error": "no bf16 kernels"} for r in range(3))]
+    rows = {r["impl"]: r for r in bench.per_engine(runs)}
+    assert rows["ov"]["speedup"] == 4.0 and rows["diffusers"]["speedup"] == 1.0
+    assert (rows["ov"]["ms_per_step"], rows["ov"]["ms_per_step_min"], rows["ov"]["rounds"]) == (10.0, 4.0, 3)
+    assert rows["ov"]["first_run_s"] == 2.0
+    assert rows["ort-bf16"]["error"] == "no bf16 kernels"
