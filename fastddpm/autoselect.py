@@ -221,4 +221,4 @@ def make(model, device: torch.device, dtype: torch.dtype, threads: int | None = 
 
 
 # graph_capturable: on CUDA it is the torch backend's ε; quantizations: its CPU candidates'
-AUTO = Backend("auto", make, graph_capturable=True, quantizations=QUANTIZATIONS, bf16_when_auto=True)
+AUTO = Backend("auto", make, graph_capturable=True, quantizations=QUANTIZATIONS)

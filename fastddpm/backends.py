@@ -36,9 +36,10 @@ class Backend:
     # TensorRT run on streams of their own, outside torch's capture)
     graph_capturable: bool = False
     quantizations: tuple[str, ...] = ()  # what --quantize it runs (openvino: int8)
-    # whether --dtype auto runs it in bf16 on a CPU with native bf16: only where that was measured
-    # faster in every case (README, "CPU engines"); torch's CPU bf16 is not (the bundled model at
-    # batch 1: 5.9 against 3.5 ms a forward), ONNX Runtime's CPU provider has no bf16 kernels
+    # whether --dtype auto runs it (and auto, where it is a candidate) in bf16 on a CPU with native
+    # bf16: only where that was measured faster in every case (README, "CPU engines"); torch's CPU
+    # bf16 is not (the bundled model at batch 1: 5.9 against 3.5 ms a forward), ONNX Runtime's CPU
+    # provider has no bf16 kernels
     bf16_when_auto: bool = False
 
 

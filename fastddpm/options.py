@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from . import autoselect
 from .backends import backend_names, get_backend
 from .dtypes import QUANTIZATIONS, SAMPLING_DTYPES, cpu_has_native_bf16, torch_dtype
 from .errors import UserError
@@ -100,13 +101,14 @@ class SamplingOptions:
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         """The U-Net's dtype on `device`. `auto` is bf16 on a CPU with native bf16 (AVX512-BF16 or
-        AMX) under a backend that runs faster in it (Backend.bf16_when_auto: openvino, and auto,
-        whose candidates are then timed in bf16) — on the digits judge bf16 holds fp32's quality in
-        every case measured (README, "CPU engines") — and fp32 anywhere else, CUDA included; a
-        named dtype is itself."""
+        AMX) under a backend that runs faster in it (Backend.bf16_when_auto: openvino), or under
+        `auto` where one of its installed candidates does (all are then timed in bf16) — on the
+        digits judge bf16 holds fp32's quality in every case measured (README, "CPU engines") —
+        and fp32 anywhere else, CUDA included; a named dtype is itself."""
         if self.dtype != "auto":
             return torch_dtype(self.dtype)
-        bf16 = (device.type == "cpu" and get_backend(self.backend).bf16_when_auto
+        engines = autoselect.installed_engines() if self.backend == "auto" else [self.backend]
+        bf16 = (device.type == "cpu" and any(get_backend(e).bf16_when_auto for e in engines)
                 and cpu_has_native_bf16())
         return torch.bfloat16 if bf16 else torch.float32
 
@@ -150,8 +152,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, execution: bool = True) -
                         "installed one, timed on the first batch and remembered (default: %(default)s)")
     g.add_argument("--dtype", default=d.dtype, choices=SAMPLING_DTYPES,
                    help="U-Net dtype; auto: bf16 on a CPU with native bf16 (AVX512-BF16 or AMX) "
-                        "for the auto and openvino backends, fp32 otherwise; fp32 for strict fp32; "
-                        "the step update's arithmetic is fp32 whatever this (default: %(default)s)")
+                        "for openvino, and for auto with openvino installed; fp32 otherwise; fp32 "
+                        "for strict fp32; the step update's arithmetic is fp32 whatever this "
+                        "(default: %(default)s)")
     g.add_argument("--no-cuda-graph", action="store_true", help="run the step loop eagerly on CUDA")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"images per batch (default: up to {MAX_BATCH})")
