@@ -107,10 +107,10 @@ class SamplingOptions:
         and fp32 anywhere else, CUDA included; a named dtype is itself."""
         if self.dtype != "auto":
             return torch_dtype(self.dtype)
+        if device.type != "cpu" or not cpu_has_native_bf16():
+            return torch.float32
         engines = autoselect.installed_engines() if self.backend == "auto" else [self.backend]
-        bf16 = (device.type == "cpu" and any(get_backend(e).bf16_when_auto for e in engines)
-                and cpu_has_native_bf16())
-        return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if any(get_backend(e).bf16_when_auto for e in engines) else torch.float32
 
     def batches(self, num: int) -> list[tuple[int, int]]:
         """(first sample index, batch size) for `num` samples."""
