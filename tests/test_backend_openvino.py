@@ -131,12 +131,19 @@ def _types(graph) -> set[str]:
 
 def test_groupnorms_rewritten_as_mvn_compute_the_same(model):
     """Compiled in f32, the rewritten graph gives torch's ε to fp32 rounding (a wrong group
-    split, axis, eps placement or affine would not)."""
+    split, axis, eps placement, spread of the affine or placement of the SiLU would not)."""
     graph, _ = openvino.convert(model)
     norms = sum(1 for m in model.unet.modules() if isinstance(m, torch.nn.GroupNorm))
     assert norms > 0 and "GroupNormalization" in _types(graph)
+    followed_by_silu = sum(1 for node in graph.get_ordered_ops()
+                           if node.get_type_name() == "GroupNormalization"
+                           and [i.get_node().get_type_name() for i in node.output(0).get_target_inputs()] == ["Swish"])
+    assert followed_by_silu > 0
     assert openvino.groupnorms_as_mvn(graph) == norms
     assert "GroupNormalization" not in _types(graph) and "MVN" in _types(graph)
+    # each of those SiLUs now runs on the grouped (N, groups, rest) tensor
+    assert sum(1 for node in graph.get_ordered_ops() if node.get_type_name() == "Swish"
+               and node.input_value(0).get_partial_shape().rank.get_length() == 3) == followed_by_silu
     x, t = _inputs(3, 30)
     compiled = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
