@@ -99,6 +99,28 @@ def test_written_back_diffusers_builds_the_same_network(member, tmp_path):
         assert (theirs.eval()(x, t).sample - unet(x, t).sample).abs().max().item() == 0.0
 
 
+@pytest.mark.slow  # an OpenVINO conversion each
+def test_openvinos_bf16_groupnorm_rewrite_computes_each_member(member):
+    """The GroupNorm rewrite that bf16 compiles get (fastddpm.export.openvino), compiled in f32:
+    torch's output on every member — norms followed by a SiLU, by scale-shift, by attention,
+    5 groups of 3 channels — at a batch other than the traced one."""
+    import openvino as ov
+
+    from fastddpm.export import openvino
+
+    model = fastddpm.load(member[1])
+    graph, _keep = openvino.convert(model)
+    assert openvino.groupnorms_as_mvn(graph) == sum(
+        1 for m in model.unet.modules() if isinstance(m, torch.nn.GroupNorm))
+    x, t = _inputs(batch=1, seed=5)  # convert traces at batch 2
+    request = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    got = torch.from_numpy(request.infer({"x": x.numpy(), "t": t.numpy()})[0])
+    with torch.no_grad():
+        want = model.unet(x, t)
+    assert got.shape == want.shape and want.abs().max() > 0.1
+    assert (got - want).abs().max().item() <= 1e-4
+
+
 def test_resnet_resampling_is_read_per_level():
     """Which levels resample through a ResBlock: the attention ones by downsample_type /
     upsample_type, the others by their block type; none at the levels that do not resample."""
