@@ -135,9 +135,11 @@ def test_groupnorms_rewritten_as_mvn_compute_the_same(model):
     graph, _ = openvino.convert(model)
     norms = sum(1 for m in model.unet.modules() if isinstance(m, torch.nn.GroupNorm))
     assert norms > 0 and "GroupNormalization" in _types(graph)
+    def consumers(node):
+        return [i.get_node().get_type_name() for i in node.output(0).get_target_inputs()]
+
     followed_by_silu = sum(1 for node in graph.get_ordered_ops()
-                           if node.get_type_name() == "GroupNormalization"
-                           and [i.get_node().get_type_name() for i in node.output(0).get_target_inputs()] == ["Swish"])
+                           if node.get_type_name() == "GroupNormalization" and consumers(node) == ["Swish"])
     assert followed_by_silu > 0
     assert openvino.groupnorms_as_mvn(graph) == norms
     assert "GroupNormalization" not in _types(graph) and "MVN" in _types(graph)

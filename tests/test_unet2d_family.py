@@ -113,7 +113,8 @@ def test_openvinos_bf16_groupnorm_rewrite_computes_each_member(member):
     assert openvino.groupnorms_as_mvn(graph) == sum(
         1 for m in model.unet.modules() if isinstance(m, torch.nn.GroupNorm))
     x, t = _inputs(batch=1, seed=5)  # convert traces at batch 2
-    request = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    compiled = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
     got = torch.from_numpy(request.infer({"x": x.numpy(), "t": t.numpy()})[0])
     with torch.no_grad():
         want = model.unet(x, t)
