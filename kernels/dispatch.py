@@ -14,6 +14,8 @@ layers (`UNet.set_kernels`), so a traced or compiled copy carries its own.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 try:
@@ -48,6 +50,25 @@ def use_fused(mode: str, *tensors: torch.Tensor | None) -> bool:
     if mode == "op":  # the op's CPU kernel is the reference; on CUDA only dtypes it handles
         return present[0].device.type != "cuda" or present[0].dtype in FUSED_DTYPES
     return kernel_applies(present[0])
+
+
+class LazyOp:
+    """`fastddpm::<name>`, registered by `register` on first use. Why not at import: registering a
+    triton_op makes torch read its body for Triton kernels, which imports torch._inductor — a
+    second of every cold start, which sampling on the CPU never needs (and a CUDA build of torch
+    brings Triton to CPU-only machines too). Where a CUDA device is present it is registered at
+    once, so code that torch.compile traces, which cannot register an op, always finds it."""
+
+    def __init__(self, name: str, register: Callable[[], None]):
+        self.name, self.register, self.registered = name, register, False
+        if torch.cuda.is_available():
+            self()
+
+    def __call__(self):
+        if not self.registered:
+            self.register()
+            self.registered = True
+        return getattr(torch.ops.fastddpm, self.name)
 
 
 def dense_layout(x: torch.Tensor) -> torch.memory_format:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import HAS_TRITON, dense_layout, kernel_applies, use_fused
+from .dispatch import HAS_TRITON, LazyOp, dense_layout, kernel_applies, use_fused
 
 REGISTER_LIMIT = 16384  # largest padded group (channels × pixels) held in registers
 LOOP_TILE = 4096  # elements per chunk in the looped variant
@@ -207,21 +207,24 @@ if HAS_TRITON:
                  SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p),
             num_warps)
 
-    @triton_op("fastddpm::group_norm_silu", mutates_args=())
-    def _group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            groups: int, eps: float, bias_nc: torch.Tensor | None,
-                            silu: bool, scale_shift: torch.Tensor | None) -> torch.Tensor:
-        """Operands prepared by `group_norm_silu`: x dense, the rest contiguous."""
-        if not kernel_applies(x):  # reached under torch.compile tracing of CPU/float64 tensors
-            return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu, scale_shift)
-        out = torch.empty_like(x)
-        group_norm_silu_launch(x, weight, bias, groups, eps, bias_nc, silu, out,
-                               scale_shift=scale_shift).run()
-        return out
+    def _register_op() -> None:
+        @triton_op("fastddpm::group_norm_silu", mutates_args=())
+        def _group_norm_silu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                groups: int, eps: float, bias_nc: torch.Tensor | None,
+                                silu: bool, scale_shift: torch.Tensor | None) -> torch.Tensor:
+            """Operands prepared by `group_norm_silu`: x dense, the rest contiguous."""
+            if not kernel_applies(x):  # reached under torch.compile tracing of CPU/float64 tensors
+                return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu, scale_shift)
+            out = torch.empty_like(x)
+            group_norm_silu_launch(x, weight, bias, groups, eps, bias_nc, silu, out,
+                                   scale_shift=scale_shift).run()
+            return out
 
-    @_group_norm_silu_op.register_kernel("cpu")
-    def _group_norm_silu_cpu(x, weight, bias, groups, eps, bias_nc, silu, scale_shift):
-        return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu, scale_shift)
+        @_group_norm_silu_op.register_kernel("cpu")
+        def _group_norm_silu_cpu(x, weight, bias, groups, eps, bias_nc, silu, scale_shift):
+            return group_norm_silu_reference(x, weight, bias, groups, eps, bias_nc, silu, scale_shift)
+
+    GROUP_NORM_SILU_OP = LazyOp("group_norm_silu", _register_op)
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
@@ -238,5 +241,5 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
     x = x.contiguous(memory_format=dense_layout(x))  # no copy for NCHW or channels_last input
     bias_nc = None if bias_nc is None else bias_nc.contiguous()
     scale_shift = None if scale_shift is None else scale_shift.contiguous()
-    return torch.ops.fastddpm.group_norm_silu(x, weight.contiguous(), bias.contiguous(), groups,
-                                              float(eps), bias_nc, silu, scale_shift)
+    return GROUP_NORM_SILU_OP()(x, weight.contiguous(), bias.contiguous(), groups, float(eps),
+                                bias_nc, silu, scale_shift)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .dispatch import HAS_TRITON, dense_layout, kernel_applies, use_fused
+from .dispatch import HAS_TRITON, LazyOp, dense_layout, kernel_applies, use_fused
 from .noise import STEP_STREAM, step_noise
 
 BLOCK = 1024  # elements per program: 4 warps × 32 lanes × 8 (two 16-byte fp32 vectors each)
@@ -212,23 +212,26 @@ if HAS_TRITON:
                  CHANNELS_LAST=channels_last, QUADS=not channels_last and channels * pixels % 4 == 0,
                  BLOCK=BLOCK), num_warps=4)
 
-    @triton_op("fastddpm::reverse_step", mutates_args={"history", "out", "x0_out"})
-    def _reverse_step_op(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
-                         rng: torch.Tensor, history: torch.Tensor | None, out: torch.Tensor,
-                         x0_out: torch.Tensor | None, clip: bool,
-                         variance: torch.Tensor | None, eps_history: bool) -> None:
-        """Writes x_prev into `out`, x̂0 into `x0_out` (if given) and x̂0 (ε with eps_history)
-        into the ring `history`. Operands are prepared by `reverse_step`: dense, one layout,
-        coef float32 contiguous."""
-        if kernel_applies(x):
-            reverse_step_launch(x, eps, coef, step, rng, history, out, x0_out, clip, variance,
-                                eps_history).run()
-        else:  # reached under torch.compile tracing of CPU or float64 tensors
+    def _register_op() -> None:
+        @triton_op("fastddpm::reverse_step", mutates_args={"history", "out", "x0_out"})
+        def _reverse_step_op(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: torch.Tensor,
+                             rng: torch.Tensor, history: torch.Tensor | None, out: torch.Tensor,
+                             x0_out: torch.Tensor | None, clip: bool,
+                             variance: torch.Tensor | None, eps_history: bool) -> None:
+            """Writes x_prev into `out`, x̂0 into `x0_out` (if given) and x̂0 (ε with eps_history)
+            into the ring `history`. Operands are prepared by `reverse_step`: dense, one layout,
+            coef float32 contiguous."""
+            if kernel_applies(x):
+                reverse_step_launch(x, eps, coef, step, rng, history, out, x0_out, clip, variance,
+                                    eps_history).run()
+            else:  # reached under torch.compile tracing of CPU or float64 tensors
+                _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip, variance, eps_history)
+
+        @_reverse_step_op.register_kernel("cpu")
+        def _reverse_step_cpu(x, eps, coef, step, rng, history, out, x0_out, clip, variance, eps_history):
             _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip, variance, eps_history)
 
-    @_reverse_step_op.register_kernel("cpu")
-    def _reverse_step_cpu(x, eps, coef, step, rng, history, out, x0_out, clip, variance, eps_history):
-        _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip, variance, eps_history)
+    REVERSE_STEP_OP = LazyOp("reverse_step", _register_op)
 
 
 def _write_reference(x, eps, coef, step, rng, history, out, x0_out, clip, variance, eps_history) -> None:
@@ -302,6 +305,5 @@ def reverse_step(x: torch.Tensor, eps: torch.Tensor, coef: torch.Tensor, step: t
                              f"{x.stride()}, a buffer {buffer.stride()}")
     if history is not None and history.stride(0) != x.numel():
         raise ValueError("history's slots must lie back to back (kernels.reverse_step.new_history)")
-    torch.ops.fastddpm.reverse_step(x, eps, coef, step, rng, history, out, x0_out, clip, variance,
-                                    eps_history)
+    REVERSE_STEP_OP()(x, eps, coef, step, rng, history, out, x0_out, clip, variance, eps_history)
     return out, x0_out
