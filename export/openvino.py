@@ -115,7 +115,7 @@ def groupnorms_as_mvn(graph) -> int:
         attrs = node.get_attributes()
         groups = attrs["num_groups"]
         channels, *spatial = [d.get_length() for d in list(x.get_partial_shape())[1:]]
-        grouped = ops.reshape(x, ops.constant(np.array([0, groups, -1], np.int64)), special_zero=True)
+        grouped, x = _grouped(ops, x, groups, channels, spatial)
         normed = ops.mvn(grouped, ops.constant(np.array([2], np.int64)), normalize_variance=True,
                          eps=attrs["epsilon"], eps_mode="inside_sqrt")
         h = ops.add(ops.multiply(normed, _spread_per_channel(ops, weight, groups, channels, spatial)),
@@ -128,6 +128,43 @@ def groupnorms_as_mvn(graph) -> int:
         count += 1
     graph.validate_nodes_and_infer_types()
     return count
+
+
+def _grouped(ops, x, groups: int, channels: int, spatial: list[int]):
+    """x as (N, groups, rest), and a tensor of x's shape to reshape the result back by. Where x
+    is h + b with b one value per sample and channel, (N, C, 1, 1) — the time embedding a ResBlock
+    adds before norm2 — the sum is taken on the grouped view instead, (N, groups, C/groups, H·W) +
+    (N, groups, C/groups, 1), which the plugin fuses with the regrouping rather than adding in the
+    convolution's layout and then reordering the sum (one ε forward, bundled model, batch 64, bf16,
+    interleaved, two runs: 12.9 against 13.5 ms; batch 1 and the CIFAR-10 U-Net unchanged)."""
+    def shaped(value, dims):
+        return ops.reshape(value, ops.constant(np.array(dims, np.int64)), special_zero=True)
+
+    size = int(np.prod(spatial, dtype=np.int64))
+    per_group = channels // groups
+    summands = _sum_with_per_sample_bias(x)
+    if summands is None or size == 1:
+        return shaped(x, [0, groups, -1]), x
+    h, b = summands
+    summed = ops.add(shaped(h, [0, groups, per_group, size]), shaped(b, [0, groups, per_group, 1]))
+    return shaped(summed, [0, groups, -1]), h
+
+
+def _sum_with_per_sample_bias(x):
+    """(h, b) where x is the sum h + b (either order), used by nothing else, with h of x's shape
+    and b computed, (N, C, 1, …); else None. (A constant b is a convolution's bias, which the
+    plugin folds into the convolution.)"""
+    node = x.get_node()
+    if node.get_type_name() != "Add" or len(x.get_target_inputs()) != 1:
+        return None
+    shape = x.get_partial_shape()
+    for h, b in ((node.input_value(0), node.input_value(1)), (node.input_value(1), node.input_value(0))):
+        b_shape = b.get_partial_shape()
+        if (h.get_partial_shape() == shape and b.get_node().get_type_name() != "Constant"
+                and b_shape.rank == shape.rank and list(b_shape)[:2] == list(shape)[:2]
+                and all(d.is_static and d.get_length() == 1 for d in list(b_shape)[2:])):
+            return h, b
+    return None
 
 
 def _spread_per_channel(ops, values, groups: int, channels: int, spatial: list[int]):

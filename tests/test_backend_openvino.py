@@ -131,21 +131,34 @@ def _types(graph) -> set[str]:
 
 def test_groupnorms_rewritten_as_mvn_compute_the_same(model):
     """Compiled in f32, the rewritten graph gives torch's ε to fp32 rounding (a wrong group
-    split, axis, eps placement, spread of the affine or placement of the SiLU would not)."""
+    split, axis, eps placement, spread of the affine, placement of the SiLU or grouping of the
+    time-embedding sum would not)."""
     graph, _ = openvino.convert(model)
     norms = sum(1 for m in model.unet.modules() if isinstance(m, torch.nn.GroupNorm))
     assert norms > 0 and "GroupNormalization" in _types(graph)
+
     def consumers(node):
         return [i.get_node().get_type_name() for i in node.output(0).get_target_inputs()]
 
-    followed_by_silu = sum(1 for node in graph.get_ordered_ops()
-                           if node.get_type_name() == "GroupNormalization" and consumers(node) == ["Swish"])
-    assert followed_by_silu > 0
+    group_norms = [node for node in graph.get_ordered_ops() if node.get_type_name() == "GroupNormalization"]
+    followed_by_silu = sum(1 for node in group_norms if consumers(node) == ["Swish"])
+    after_time_bias = sum(1 for node in group_norms
+                          if openvino._sum_with_per_sample_bias(node.input_value(0)) is not None)
+    assert followed_by_silu > 0 and after_time_bias > 0
     assert openvino.groupnorms_as_mvn(graph) == norms
     assert "GroupNormalization" not in _types(graph) and "MVN" in _types(graph)
-    # each of those SiLUs now runs on the grouped (N, groups, rest) tensor
+    # each of those SiLUs now runs on the grouped (N, groups, rest) tensor, and each of those
+    # sums is taken on the (N, groups, C/groups, H·W) view that feeds its MVN
     assert sum(1 for node in graph.get_ordered_ops() if node.get_type_name() == "Swish"
                and node.input_value(0).get_partial_shape().rank.get_length() == 3) == followed_by_silu
+    def adds_a_computed_bias(node):
+        return node.get_type_name() == "Add" and any(
+            v.get_node().get_type_name() != "Constant" and list(v.get_partial_shape())[-1] == 1
+            for v in node.input_values())
+
+    regrouped = [node.input_value(0).get_node().input_value(0).get_node()
+                 for node in graph.get_ordered_ops() if node.get_type_name() == "MVN"]
+    assert sum(1 for node in regrouped if adds_a_computed_bias(node)) == after_time_bias
     x, t = _inputs(3, 30)
     compiled = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
