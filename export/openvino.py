@@ -115,11 +115,12 @@ def groupnorms_as_mvn(graph) -> int:
         attrs = node.get_attributes()
         groups = attrs["num_groups"]
         channels, *spatial = [d.get_length() for d in list(x.get_partial_shape())[1:]]
-        grouped, x = _grouped(ops, x, groups, channels, spatial)
+        layout = (groups, channels // groups, int(np.prod(spatial, dtype=np.int64)))
+        grouped, x = _grouped(ops, x, *layout)
         normed = ops.mvn(grouped, ops.constant(np.array([2], np.int64)), normalize_variance=True,
                          eps=attrs["epsilon"], eps_mode="inside_sqrt")
-        h = ops.add(ops.multiply(normed, _spread_per_channel(ops, weight, groups, channels, spatial)),
-                    _spread_per_channel(ops, bias, groups, channels, spatial))
+        h = ops.add(ops.multiply(normed, _spread_per_channel(ops, weight, *layout)),
+                    _spread_per_channel(ops, bias, *layout))
         consumers = list(node.output(0).get_target_inputs())
         replaced = node
         if len(consumers) == 1 and consumers[0].get_node().get_type_name() == "Swish":
@@ -130,7 +131,7 @@ def groupnorms_as_mvn(graph) -> int:
     return count
 
 
-def _grouped(ops, x, groups: int, channels: int, spatial: list[int]):
+def _grouped(ops, x, groups: int, per_group: int, size: int):
     """x as (N, groups, rest), and a tensor of x's shape to reshape the result back by. Where x
     is h + b with b one value per sample and channel, (N, C, 1, 1) — the time embedding a ResBlock
     adds before norm2 — the sum is taken on the grouped view instead, (N, groups, C/groups, H·W) +
@@ -140,10 +141,8 @@ def _grouped(ops, x, groups: int, channels: int, spatial: list[int]):
     def shaped(value, dims):
         return ops.reshape(value, ops.constant(np.array(dims, np.int64)), special_zero=True)
 
-    size = int(np.prod(spatial, dtype=np.int64))
-    per_group = channels // groups
     summands = _sum_with_per_sample_bias(x)
-    if summands is None or size == 1:
+    if summands is None:
         return shaped(x, [0, groups, -1]), x
     h, b = summands
     summed = ops.add(shaped(h, [0, groups, per_group, size]), shaped(b, [0, groups, per_group, 1]))
@@ -167,13 +166,13 @@ def _sum_with_per_sample_bias(x):
     return None
 
 
-def _spread_per_channel(ops, values, groups: int, channels: int, spatial: list[int]):
+def _spread_per_channel(ops, values, groups: int, per_group: int, size: int):
     """A per-channel vector laid out as (1, groups, rest) to match the grouped tensor: each
-    channel's value repeated over its feature map (constant-folded when the graph compiles)."""
-    size = int(np.prod(spatial, dtype=np.int64))
-    by_group = ops.reshape(values, ops.constant(np.array([groups, channels // groups, 1], np.int64)),
+    channel's value repeated over its feature map of `size` pixels (constant-folded when the graph
+    compiles)."""
+    by_group = ops.reshape(values, ops.constant(np.array([groups, per_group, 1], np.int64)),
                            special_zero=False)
-    spread = ops.broadcast(by_group, ops.constant(np.array([groups, channels // groups, size], np.int64)))
+    spread = ops.broadcast(by_group, ops.constant(np.array([groups, per_group, size], np.int64)))
     return ops.reshape(spread, ops.constant(np.array([1, groups, -1], np.int64)), special_zero=False)
 
 
