@@ -9,20 +9,37 @@ of another key, or whose files do not hash as listed is removed and rebuilt. Whe
 cannot be written (read-only, a file in the way) one warning says so and the run goes on with
 what it converted in memory.
 
+The entries are bounded: after each store the least recently used ones (reading an entry counts
+as a use) are removed until all of them together take at most $FASTDDPM_CACHE_MAX_GB GiB
+(default DEFAULT_MAX_GB; `inf` for no bound). Why: every new model, and every new version of
+fastddpm or of an engine, makes new entries (a CIFAR-10 U-Net's IR is 143 MB), and nothing else
+would ever remove the old ones. Entries written or read in the last RECENT_S seconds stay (the one
+just stored, and those another process may be loading); staging folders that a killed process
+left (older than STALE_STAGING_S) go too.
+
 The folder: $FASTDDPM_CACHE, else $XDG_CACHE_HOME/fastddpm, else ~/.cache/fastddpm.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import UserError
+
 MANIFEST = "manifest.json"
+ENTRY_NAME = re.compile(r"[a-z0-9-]+-[0-9a-f]{32}")  # `_entry`'s names: other folders are not ours to evict
+DEFAULT_MAX_GB = 5.0
+RECENT_S = 60.0
+STALE_STAGING_S = 86400.0  # a staging folder this old was left by a killed process
 _warned: set[Path] = set()  # folders already warned about: one warning per folder and process
 
 
@@ -31,6 +48,21 @@ def cache_root() -> Path:
         return Path(os.environ["FASTDDPM_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "fastddpm"
+
+
+def max_bytes() -> float:
+    """The bound on all entries together, from $FASTDDPM_CACHE_MAX_GB (GiB)."""
+    raw = os.environ.get("FASTDDPM_CACHE_MAX_GB", "").strip()
+    if not raw:
+        return DEFAULT_MAX_GB * 2**30
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = float("nan")
+    if not gib > 0:
+        raise UserError("FASTDDPM_CACHE_MAX_GB must be a positive number of GiB (inf: no bound), "
+                        f"got {raw!r}")
+    return gib * 2**30
 
 
 def _entry(kind: str, key: dict) -> Path:
@@ -64,6 +96,7 @@ def _warn_unwritable(root: Path, error: OSError) -> None:
 
 def load(kind: str, key: dict) -> Path | None:
     """The folder of a complete, intact entry for `key`, or None (a broken one is removed)."""
+    max_bytes()  # a bad bound is refused here, before a miss makes the caller convert
     folder = _entry(kind, key)
     if not folder.is_dir():
         return None
@@ -76,13 +109,15 @@ def load(kind: str, key: dict) -> Path | None:
     if not intact:
         _discard(folder)
         return None
+    with contextlib.suppress(OSError):  # in a read-only folder the order of use stays as it was
+        os.utime(folder / MANIFEST)  # the manifest's mtime is the entry's last use
     return folder
 
 
 def store(kind: str, key: dict, write: Callable[[Path], None]) -> Path | None:
     """`write(folder)` fills a new entry for `key`; returns its final folder, or None (after one
     warning) where the cache cannot be written."""
-    root = cache_root()
+    root, limit = cache_root(), max_bytes()
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
@@ -99,9 +134,41 @@ def store(kind: str, key: dict, write: Callable[[Path], None]) -> Path | None:
         except OSError:
             if load(kind, key) is None:  # not another writer's complete entry: a real failure
                 raise
+        _evict(root, limit)
         return final
     except OSError as e:
         _warn_unwritable(root, e)
         return None
     finally:
         _discard(staging)  # gone already when renamed
+
+
+def _entries(root: Path) -> list[tuple[float, int, Path]]:
+    """(last use, bytes, folder) of each entry in `root`, least recently used first."""
+    found = []
+    for folder in root.iterdir():
+        try:
+            if ENTRY_NAME.fullmatch(folder.name) and (folder / MANIFEST).is_file():
+                used = (folder / MANIFEST).stat().st_mtime
+                found.append((used, sum(p.stat().st_size for p in folder.iterdir()), folder))
+        except OSError:  # removed by another process meanwhile
+            continue
+    return sorted(found)
+
+
+def _evict(root: Path, limit: float) -> None:
+    """Remove the least recently used entries of `root` until they take at most `limit` bytes,
+    sparing those used in the last RECENT_S seconds; and stale staging folders."""
+    now = time.time()
+    for staging in root.glob(".staging-*"):
+        with contextlib.suppress(OSError):
+            if now - staging.stat().st_mtime > STALE_STAGING_S:
+                _discard(staging)
+    entries = _entries(root)
+    total = sum(size for _, size, _ in entries)
+    for used, size, folder in entries:
+        if total <= limit:
+            return
+        if now - used >= RECENT_S:
+            _discard(folder)
+            total -= size

@@ -4,6 +4,8 @@ folder one warning and the run goes on. Tests run as root, which ignores chmod, 
 is a cache folder under a regular file. (The ONNX export's entry is tested in test_backend_threads,
 which builds two ONNX Runtime sessions of one model anyway.)"""
 import json
+import os
+import time
 import warnings
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from tiny import TINY, tiny_model
 
 from fastddpm import disk_cache, sessions
+from fastddpm.errors import UserError
 
 KEY = {"model": "abc", "engine": "test", "version": "1"}
 
@@ -104,6 +107,71 @@ def test_a_failing_write_leaves_no_staging_folder(cache):
     with pytest.raises(RuntimeError, match="converter bug"):
         disk_cache.store("test", KEY, broken)
     assert list(cache.iterdir()) == []
+
+
+def _last_used(folder, seconds_ago: float) -> None:
+    t = time.time() - seconds_ago
+    os.utime(folder / disk_cache.MANIFEST, (t, t))
+
+
+def test_least_recently_used_entries_go_past_the_bound(cache, monkeypatch):
+    write = _write(b"w" * 1000)[0]  # ~1.2 kB an entry with its xml and manifest
+    monkeypatch.setenv("FASTDDPM_CACHE_MAX_GB", str(3000 / 2**30))  # room for two
+    a = disk_cache.store("test", {**KEY, "model": "a"}, write)
+    _last_used(a, 300)
+    b = disk_cache.store("test", {**KEY, "model": "b"}, write)
+    _last_used(b, 200)
+    before = (a / disk_cache.MANIFEST).stat().st_mtime
+    assert disk_cache.load("test", {**KEY, "model": "a"}) == a  # a read is a use
+    assert (a / disk_cache.MANIFEST).stat().st_mtime > before
+    _last_used(a, 100)  # a read more recently than b, both longer ago than RECENT_S
+    c = disk_cache.store("test", {**KEY, "model": "c"}, write)
+    assert not b.exists() and a.exists() and c.exists()
+    assert disk_cache.load("test", {**KEY, "model": "b"}) is None
+    assert disk_cache.load("test", {**KEY, "model": "a"}) == a
+
+
+def test_the_new_entry_and_recently_read_ones_stay_over_the_bound(cache, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_CACHE_MAX_GB", str(100 / 2**30))  # less than any one entry
+    old = disk_cache.store("test", {**KEY, "model": "old"}, _write(b"w" * 1000)[0])
+    recent = disk_cache.store("test", {**KEY, "model": "recent"}, _write(b"w" * 1000)[0])
+    _last_used(old, 2 * disk_cache.RECENT_S)
+    new = disk_cache.store("test", KEY, _write(b"w" * 1000)[0])
+    assert not old.exists() and recent.exists() and new.exists()
+
+
+def test_eviction_leaves_other_folders_and_removes_stale_staging(cache, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_CACHE_MAX_GB", str(100 / 2**30))
+    fid = cache / "fid"
+    fid.mkdir(parents=True)
+    (fid / "ref-0123.npz").write_bytes(b"s" * 5000)  # FID statistics: not an entry
+    stale, fresh = cache / ".staging-killed", cache / ".staging-running"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "eps.bin").write_bytes(b"w")
+    t = time.time() - disk_cache.STALE_STAGING_S - 60
+    os.utime(stale, (t, t))
+    disk_cache.store("test", KEY, _write(b"w" * 1000)[0])
+    assert (fid / "ref-0123.npz").exists() and fresh.exists() and not stale.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots", "nan"])
+def test_a_bad_bound_is_one_line(cache, monkeypatch, value):
+    monkeypatch.setenv("FASTDDPM_CACHE_MAX_GB", value)
+    write, calls = _write(b"w")
+    for call in (lambda: disk_cache.load("test", KEY), lambda: disk_cache.store("test", KEY, write)):
+        with pytest.raises(UserError, match="FASTDDPM_CACHE_MAX_GB must be a positive number"):
+            call()
+    assert calls == []
+
+
+def test_no_bound_keeps_everything(cache, monkeypatch):
+    monkeypatch.setenv("FASTDDPM_CACHE_MAX_GB", "inf")
+    entries = [disk_cache.store("test", {**KEY, "model": m}, _write(b"w" * 1000)[0]) for m in "abc"]
+    for folder in entries:
+        _last_used(folder, 1000)
+    disk_cache.store("test", KEY, _write(b"w")[0])
+    assert all(folder.exists() for folder in entries)
 
 
 def _inputs():
