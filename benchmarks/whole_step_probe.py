@@ -29,18 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastddpm.checkpoint import load
 from fastddpm.export.openvino import PRECISIONS, graph_of, groupnorms_as_mvn
 from fastddpm.kernels import reverse_step_reference
 from fastddpm.model import DiffusionModel
 from fastddpm.runtime import Sampler
-from fastddpm.unet import CONFIGS
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_sampler import CPU_CASES, _cpu_model  # noqa: E402
 from int8_probe import machine  # noqa: E402
-
-CASES = {"digits-b1": ("digits", 1), "digits-b64": ("digits", 64),
-         "cifar10-b1": ("cifar10", 1), "cifar10-b16": ("cifar10", 16)}
 
 
 class Update(torch.nn.Module):
@@ -88,9 +84,8 @@ def whole_step(model: DiffusionModel, sampler: Sampler, batch: int, dtype: torch
 
 
 def probe(case: str, dtype_name: str, args) -> dict:
-    config, batch = CASES[case]
-    torch.manual_seed(0)
-    model = load("default") if config == "digits" else DiffusionModel.create(CONFIGS[config])
+    config, batch = CPU_CASES[case]
+    model = _cpu_model(config)
     sampler = Sampler(model, sampler="ddim", steps=args.steps, spacing="trailing", device="cpu",
                       backend="openvino", dtype=dtype_name)
     x_T = sampler.initial_noise(0, 0, batch)
@@ -114,7 +109,8 @@ def probe(case: str, dtype_name: str, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--cases", default="digits-b1,digits-b64,cifar10-b1,cifar10-b16",
+                   help=f"of {', '.join(CPU_CASES)} (bench_sampler.py's)")
     p.add_argument("--dtypes", default="bf16,fp32")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=7)

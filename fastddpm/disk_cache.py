@@ -147,11 +147,12 @@ def _entries(root: Path) -> list[tuple[float, int, Path]]:
     """(last use, bytes, folder) of each entry in `root`, least recently used first."""
     found = []
     for folder in root.iterdir():
+        if not ENTRY_NAME.fullmatch(folder.name):
+            continue
         try:
-            if ENTRY_NAME.fullmatch(folder.name) and (folder / MANIFEST).is_file():
-                used = (folder / MANIFEST).stat().st_mtime
-                found.append((used, sum(p.stat().st_size for p in folder.iterdir()), folder))
-        except OSError:  # removed by another process meanwhile
+            used = (folder / MANIFEST).stat().st_mtime
+            found.append((used, sum(p.stat().st_size for p in folder.iterdir()), folder))
+        except OSError:  # no manifest yet, or removed by another process meanwhile
             continue
     return sorted(found)
 
